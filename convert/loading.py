@@ -1,0 +1,105 @@
+"""Load a Stable Diffusion checkpoint into diffusers: a diffusers folder, a hub id, or one file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdlite.errors import InputError
+from sdlite.hashing import sha256_file
+
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
+_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A diffusers pipeline with what the manifest records about where it came from."""
+
+    pipe: object
+    name: str
+    sha256: str | None
+
+
+def _unet_weights(folder: Path) -> Path | None:
+    for name in _WEIGHT_NAMES:
+        if (folder / "unet" / name).is_file():
+            return folder / "unet" / name
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def _float32():
+    import torch
+
+    return torch.float32
+
+
+def _load_folder(folder: Path):
+    from diffusers import DiffusionPipeline
+
+    if not (folder / "model_index.json").is_file():
+        raise InputError(f"{folder}: not a diffusers folder (no model_index.json)")
+    try:
+        return DiffusionPipeline.from_pretrained(folder, torch_dtype=_float32(), safety_checker=None,
+                                                 requires_safety_checker=False)
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"{folder}: could not be loaded as a diffusers pipeline ({_first_line(exc)})") from None
+
+
+def _check_supported(pipe, source: str) -> None:
+    missing = [name for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+               if getattr(pipe, name, None) is None]
+    if missing:
+        raise InputError(f"{source}: not a Stable Diffusion pipeline (missing {', '.join(missing)})")
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        raise InputError(f"{source}: SDXL checkpoints are not supported yet; sdlite converts SD 1.x and 2.x")
+
+
+def load_checkpoint(source: str, allow_pickle: bool = False) -> LoadedCheckpoint:
+    """Load ``source`` as a float32 diffusers pipeline.
+
+    ``source`` is a diffusers folder, a single ``.safetensors`` file, or a hub id (``owner/name``, fetched
+    through diffusers' own downloader on machines that can reach the hub). Pickled checkpoints are refused
+    unless ``allow_pickle``: unpickling an untrusted file can run arbitrary code.
+    """
+    path = Path(source)
+    if path.is_dir():
+        pipe = _load_folder(path)
+        weights = _unet_weights(path)
+        sha = sha256_file(weights) if weights else None
+        name = path.resolve().name
+    elif path.is_file():
+        suffix = path.suffix.lower()
+        if suffix in PICKLE_SUFFIXES and not allow_pickle:
+            raise InputError(f"{path}: pickle checkpoints can run code when loaded; convert a .safetensors "
+                             "file instead, or pass --allow-pickle if you trust this file")
+        if suffix not in PICKLE_SUFFIXES | {".safetensors"}:
+            raise InputError(f"{path}: expected a diffusers folder, a .safetensors file or a hub id")
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_single_file(str(path), torch_dtype=_float32(), safety_checker=None,
+                                                        requires_safety_checker=False)
+        sha = sha256_file(path)
+        name = path.stem
+    elif source.count("/") == 1 and not source.startswith((".", "/")):
+        from diffusers import DiffusionPipeline
+
+        try:
+            folder = Path(DiffusionPipeline.download(source))
+        except Exception as exc:  # the hub client raises many types; the user needs one line
+            raise InputError(f"{source}: not a local path, and the hub id could not be fetched "
+                             f"({type(exc).__name__})") from exc
+        pipe = _load_folder(folder)
+        weights = _unet_weights(folder)
+        sha = sha256_file(weights) if weights else None
+        name = source.split("/")[-1]
+    else:
+        raise InputError(f"{source}: no such file or folder (expected a diffusers folder, a .safetensors file "
+                         "or a hub id)")
+    _check_supported(pipe, source)
+    return LoadedCheckpoint(pipe=pipe, name=name, sha256=sha)

@@ -1,0 +1,52 @@
+"""Export one PyTorch module to an ONNX file that onnxruntime and OpenVINO both read."""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from sdlite.convert.parts import OPSET, PartSpec
+
+# protobuf cannot hold more than 2 GB in one message: bigger graphs keep their weights in a side file.
+_PROTOBUF_LIMIT = 2**31 - 1
+EXTERNAL_DATA_NAME = "model.onnx_data"
+
+
+def export_onnx(spec: PartSpec, module: torch.nn.Module, dummy: dict[str, torch.Tensor], out_dir: Path) -> list[Path]:
+    """Trace ``module`` with ``dummy`` inputs and write ``out_dir/model.onnx`` (plus one external-data file
+    when the weights exceed protobuf's 2 GB limit). Returns the files written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    module.eval()
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{spec.name}-trace-") as scratch:
+        traced = Path(scratch) / "model.onnx"
+        dynamic_axes = {**spec.inputs, **spec.outputs}
+        with torch.no_grad(), warnings.catch_warnings():
+            # The TorchScript exporter is deprecated in favour of dynamo, but it is the one that exports
+            # diffusers' U-Net with free batch, height and width (dynamo guards on shape arithmetic).
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                tuple(dummy[name] for name in spec.inputs),
+                str(traced),
+                input_names=list(spec.inputs),
+                output_names=list(spec.outputs),
+                dynamic_axes={name: axes for name, axes in dynamic_axes.items() if axes},
+                opset_version=OPSET,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        # Re-save so that a big model has exactly one external-data file (the exporter writes one per
+        # tensor), named as optimum names it.
+        model = onnx.load(str(traced), load_external_data=True)
+        target = out_dir / "model.onnx"
+        size = sum(t.ByteSize() for t in model.graph.initializer)
+        if size > _PROTOBUF_LIMIT:
+            onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=EXTERNAL_DATA_NAME, size_threshold=1024)
+            return [target, out_dir / EXTERNAL_DATA_NAME]
+        onnx.save_model(model, str(target))
+        return [target]

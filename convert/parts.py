@@ -1,0 +1,171 @@
+"""One declared export config per model part: inputs, outputs, dynamic axes, dummy inputs, tolerance.
+
+Names and axes follow Hugging Face optimum's ONNX configs (``optimum/exporters/onnx/model_configs.py``),
+so folders written here load in optimum's pipelines and optimum's folders run in sdlite.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+# Opset 17 has LayerNormalization as one op (fused by onnxruntime and OpenVINO); every runtime sdlite
+# targets (onnxruntime >= 1.14, OpenVINO >= 2023.0) supports it.
+OPSET = 17
+
+
+@dataclass(frozen=True)
+class ExportSize:
+    """The batch and pixel size of the dummy inputs a part is traced or validated with."""
+
+    batch: int
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    """How to export and validate one part of a Stable Diffusion pipeline."""
+
+    name: str
+    inputs: dict[str, dict[int, str]]
+    outputs: dict[str, dict[int, str]]
+    atol: float
+    rtol: float
+    wrap: Callable[[object], torch.nn.Module]
+    dummy_inputs: Callable[[object, ExportSize], dict[str, torch.Tensor]]
+
+
+class _TextEncoder(torch.nn.Module):
+    def __init__(self, text_encoder: torch.nn.Module):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):
+        out = self.text_encoder(input_ids, return_dict=True)
+        return out.last_hidden_state, out.pooler_output
+
+
+class _UNet(torch.nn.Module):
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class _VaeEncoder(torch.nn.Module):
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample):
+        # Mean and log-variance concatenated on the channel axis, as optimum's "latent_parameters".
+        return self.vae.encode(sample).latent_dist.parameters
+
+
+class _VaeDecoder(torch.nn.Module):
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample):
+        return self.vae.decode(latent_sample, return_dict=False)[0]
+
+
+def vae_scale_factor(pipe) -> int:
+    """Pixels per latent cell (8 for every SD VAE)."""
+    return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+
+def _token_ids(pipe, size: ExportSize) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(size.height)
+    length = pipe.tokenizer.model_max_length
+    ids = torch.randint(0, pipe.text_encoder.config.vocab_size - 2, (size.batch, length), generator=gen)
+    ids[:, 0] = pipe.tokenizer.bos_token_id
+    ids[:, length // 2] = pipe.tokenizer.eos_token_id
+    return {"input_ids": ids}
+
+
+def _unet_inputs(pipe, size: ExportSize) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(size.height)
+    factor = vae_scale_factor(pipe)
+    channels = pipe.unet.config.in_channels
+    hidden = pipe.text_encoder.config.hidden_size
+    return {
+        "sample": torch.randn(size.batch, channels, size.height // factor, size.width // factor, generator=gen),
+        "timestep": torch.tensor(981.0),
+        "encoder_hidden_states": torch.randn(size.batch, pipe.tokenizer.model_max_length, hidden, generator=gen),
+    }
+
+
+def _image(pipe, size: ExportSize) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(size.height)
+    return {"sample": torch.rand(size.batch, 3, size.height, size.width, generator=gen) * 2 - 1}
+
+
+def _latents(pipe, size: ExportSize) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(size.height)
+    factor = vae_scale_factor(pipe)
+    channels = pipe.vae.config.latent_channels
+    return {"latent_sample": torch.randn(size.batch, channels, size.height // factor, size.width // factor,
+                                         generator=gen)}
+
+
+_BATCH_HW = {0: "batch_size", 2: "height", 3: "width"}
+
+PARTS: dict[str, PartSpec] = {
+    "text_encoder": PartSpec(
+        name="text_encoder",
+        inputs={"input_ids": {0: "batch_size", 1: "sequence_length"}},
+        outputs={"last_hidden_state": {0: "batch_size", 1: "sequence_length"}, "pooler_output": {0: "batch_size"}},
+        atol=1e-4, rtol=1e-3,
+        wrap=lambda pipe: _TextEncoder(pipe.text_encoder),
+        dummy_inputs=_token_ids,
+    ),
+    "unet": PartSpec(
+        name="unet",
+        # optimum exports the timestep as a float32 scalar.
+        inputs={"sample": _BATCH_HW, "timestep": {}, "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"}},
+        outputs={"out_sample": _BATCH_HW},
+        atol=1e-4, rtol=1e-3,
+        wrap=lambda pipe: _UNet(pipe.unet),
+        dummy_inputs=_unet_inputs,
+    ),
+    "vae_encoder": PartSpec(
+        name="vae_encoder",
+        inputs={"sample": {0: "batch_size", 2: "sample_height", 3: "sample_width"}},
+        outputs={"latent_parameters": {0: "batch_size", 2: "latent_height", 3: "latent_width"}},
+        atol=3e-4, rtol=1e-3,
+        wrap=lambda pipe: _VaeEncoder(pipe.vae),
+        dummy_inputs=_image,
+    ),
+    "vae_decoder": PartSpec(
+        name="vae_decoder",
+        inputs={"latent_sample": {0: "batch_size", 2: "latent_height", 3: "latent_width"}},
+        outputs={"sample": {0: "batch_size", 2: "height", 3: "width"}},
+        atol=3e-4, rtol=1e-3,
+        wrap=lambda pipe: _VaeDecoder(pipe.vae),
+        dummy_inputs=_latents,
+    ),
+}
+
+
+def trace_size(pipe) -> ExportSize:
+    """The size parts are traced at.
+
+    The latent side is deliberately *not* a multiple of the U-Net's total downsampling (8): diffusers'
+    U-Net then passes each skip connection's size to its upsamplers, and the trace records that as a
+    dynamic size, so the exported graph accepts every multiple of 8 pixels, not only multiples of 64.
+    """
+    factor = vae_scale_factor(pipe)
+    return ExportSize(batch=1, height=12 * factor, width=10 * factor)
+
+
+def validation_size(pipe) -> ExportSize:
+    """A different batch and size than the trace, so that validation also proves the dynamic axes."""
+    factor = vae_scale_factor(pipe)
+    return ExportSize(batch=2, height=16 * factor, width=8 * factor)

@@ -1,0 +1,122 @@
+"""Build Stable Diffusion models offline, from a fixed seed, as diffusers folders.
+
+``tiny``: the SD 1.5 architecture (same block types, attention layout, VAE depth and CLIP text encoder
+with the real BPE vocabulary) at toy width; random weights; built in seconds, for tests.
+``sd15-random``: the full SD 1.5 architecture (859.5M-parameter U-Net) with random weights, for speed
+and memory figures.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdlite.convert.atomic import atomic_output_dir
+from sdlite.models.clip_vocab import write_clip_tokenizer
+
+# SD 1.5's own scheduler configuration (runwayml/stable-diffusion-v1-5, scheduler_config.json).
+SD15_SCHEDULER = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "trained_betas": None,
+    "timestep_spacing": "leading",
+    "prediction_type": "epsilon",
+}
+
+
+@dataclass(frozen=True)
+class Widths:
+    """The few numbers that scale the SD 1.5 architecture down."""
+
+    unet_channels: tuple[int, ...]
+    unet_layers: int
+    unet_head_dim: int
+    unet_groups: int
+    vae_channels: tuple[int, ...]
+    vae_layers: int
+    vae_groups: int
+    text_hidden: int
+    text_ffn: int
+    text_layers: int
+    text_heads: int
+    sample_size: int
+
+
+RECIPES: dict[str, Widths] = {
+    "tiny": Widths(
+        unet_channels=(32, 32, 64, 64), unet_layers=1, unet_head_dim=8, unet_groups=8,
+        vae_channels=(16, 16, 32, 32), vae_layers=1, vae_groups=8,
+        text_hidden=32, text_ffn=64, text_layers=2, text_heads=4, sample_size=8,
+    ),
+    "sd15-random": Widths(
+        unet_channels=(320, 640, 1280, 1280), unet_layers=2, unet_head_dim=8, unet_groups=32,
+        vae_channels=(128, 256, 512, 512), vae_layers=2, vae_groups=32,
+        text_hidden=768, text_ffn=3072, text_layers=12, text_heads=12, sample_size=64,
+    ),
+}
+
+
+def build_pipeline(widths: Widths, seed: int = 0):
+    """Create a ``diffusers.StableDiffusionPipeline`` of the SD 1.5 architecture at the given widths."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=widths.sample_size,
+        block_out_channels=widths.unet_channels,
+        layers_per_block=widths.unet_layers,
+        attention_head_dim=widths.unet_head_dim,
+        norm_num_groups=widths.unet_groups,
+        cross_attention_dim=widths.text_hidden,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=widths.vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(widths.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(widths.vae_channels),
+        layers_per_block=widths.vae_layers,
+        norm_num_groups=widths.vae_groups,
+        latent_channels=4,
+        sample_size=widths.sample_size * 8,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=widths.text_hidden,
+            intermediate_size=widths.text_ffn,
+            num_hidden_layers=widths.text_layers,
+            num_attention_heads=widths.text_heads,
+            max_position_embeddings=77,
+            projection_dim=widths.text_hidden,
+            hidden_act="quick_gelu",
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=1,
+        )
+    )
+    with tempfile.TemporaryDirectory() as tok_dir:
+        write_clip_tokenizer(tok_dir)
+        tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    scheduler = PNDMScheduler.from_config(SD15_SCHEDULER)
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def build(name: str, out: str | Path, seed: int = 0) -> Path:
+    """Build recipe ``name`` and save it as a diffusers folder at ``out`` (written atomically)."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; known recipes: {', '.join(RECIPES)}")
+    pipe = build_pipeline(RECIPES[name], seed)
+    with atomic_output_dir(out) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    return Path(out)

@@ -1,0 +1,175 @@
+"""The ``sdlite`` command line. Every user mistake ends in one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sdlite.errors import InputError, SdliteError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line (argparse prints the whole usage block)."""
+
+    def error(self, message: str):
+        raise InputError(f"{self.prog}: {message}")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``WxH`` -> (W, H), both positive multiples of 8."""
+    from sdlite.pipeline import check_size
+
+    try:
+        width, height = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise InputError(f"--size {text}: expected WIDTHxHEIGHT, e.g. 512x512") from None
+    try:
+        check_size(width, height)
+    except InputError:
+        raise InputError(f"--size {text}: width and height must be positive multiples of 8") from None
+    return width, height
+
+
+def _default_model() -> Path:
+    from sdlite.models import default_model_path
+
+    path = default_model_path()
+    if not (path / "model_index.json").is_file():
+        raise InputError("no model given and no default model is packaged; pass -m MODEL_FOLDER")
+    return path
+
+
+def _output_paths(out: str | None, seed: int, batch: int) -> list[Path]:
+    from sdlite.images import check_output_path
+
+    base = check_output_path(out or f"sdlite-{seed}.png")
+    if batch == 1:
+        return [base]
+    return [base.with_name(f"{base.stem}-{i}{base.suffix}") for i in range(batch)]
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate images from a prompt and save them as PNGs with their infotext."""
+    import numpy as np
+
+    from sdlite.images import save_png
+    from sdlite.pipeline import Pipeline
+
+    seed = args.seed if args.seed >= 0 else int(np.random.default_rng().integers(0, 2**32))
+    outputs = _output_paths(args.output, seed, args.batch)  # fail before loading anything
+    width, height = args.size or (None, None)
+    if args.steps < 1:
+        raise InputError(f"--steps {args.steps}: must be at least 1")
+    pipe = Pipeline.load(args.model or _default_model(), engine=args.engine, device=args.device,
+                         precision=args.precision, low_memory=args.low_memory)
+    images = pipe.txt2img(args.prompt, negative_prompt=args.negative, steps=args.steps, cfg_scale=args.cfg,
+                          sampler=args.sampler, seed=seed, width=width, height=height, batch=args.batch,
+                          progress=not args.quiet)
+    for image, path in zip(images, outputs, strict=True):
+        save_png(image, path)
+        if not args.quiet:
+            print(path)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Convert a checkpoint into a converted-model folder."""
+    try:
+        from sdlite.convert.converter import convert
+    except ImportError as exc:
+        raise InputError(f"sdlite convert needs the convert extra: pip install 'sdlite[convert]' ({exc.name} "
+                         "is missing)") from None
+    if args.size or args.lora:
+        raise InputError("--size and --lora are not supported yet by this version of sdlite convert")
+    convert(args.source, args.out, formats=args.format.split(","), precisions=args.precision.split(","),
+            attention=args.attention, validate=not args.no_validate, allow_pickle=args.allow_pickle,
+            quiet=args.quiet)
+    if not args.quiet:
+        print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Print what a converted-model folder holds."""
+    from sdlite.model_folder import ModelFolder
+
+    folder = ModelFolder.open(args.model)
+    manifest = folder.manifest
+    print(f"model      {manifest.name} ({manifest.family}, {manifest.prediction_type} prediction)")
+    print(f"folder     {folder.path}")
+    print(f"size       {manifest.default_size[0]}x{manifest.default_size[1]} (default)")
+    print(f"vae scale  {manifest.vae_scaling_factor:g}")
+    print(f"hash       {manifest.source_sha256[:10] if manifest.source_sha256 else 'unknown'}")
+    for component, variants in manifest.components.items():
+        for variant in variants:
+            size = sum((folder.path / f).stat().st_size for f in variant.files if (folder.path / f).is_file())
+            check = ""
+            if variant.validation:
+                worst = max(variant.validation["max_abs_diff"].values())
+                check = f"  max|diff| vs PyTorch {worst:.1e} {'ok' if variant.validation['passed'] else 'FAILED'}"
+            print(f"{component:<13}{variant.format:<9}{variant.precision:<6}{variant.attention:<7}"
+                  f"{size / 2**20:9.1f} MiB{check}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    from sdlite import __version__
+
+    parser = _Parser(prog="sdlite", description="Convert Stable Diffusion checkpoints once, then run them offline.")
+    parser.add_argument("--version", action="version", version=f"sdlite {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    gen = sub.add_parser("generate", help="text to image")
+    gen.add_argument("prompt")
+    gen.add_argument("-m", "--model", help="converted-model folder (default: the packaged model)")
+    gen.add_argument("-n", "--negative", default="", help="negative prompt")
+    gen.add_argument("--steps", type=int, default=20)
+    gen.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
+    gen.add_argument("--sampler", help="A1111 sampler name (default: the model's own scheduler)")
+    gen.add_argument("--seed", type=int, default=-1, help="-1 picks a random seed")
+    gen.add_argument("--size", type=parse_size, help="WIDTHxHEIGHT, multiples of 8 (default: the model's)")
+    gen.add_argument("--batch", type=int, default=1)
+    gen.add_argument("--engine", default="onnx", help="onnx")
+    gen.add_argument("--device", default="CPU")
+    gen.add_argument("--precision", help="weight precision variant to run (default: the first the folder holds)")
+    gen.add_argument("--low-memory", action="store_true", help="load one part at a time")
+    gen.add_argument("-o", "--output", help="output PNG (default: sdlite-SEED.png)")
+    gen.add_argument("--quiet", action="store_true")
+    gen.set_defaults(func=cmd_generate)
+
+    conv = sub.add_parser("convert", help="export a checkpoint to a converted-model folder (needs sdlite[convert])")
+    conv.add_argument("source", help="diffusers folder, .safetensors file or hub id")
+    conv.add_argument("out", help="output folder (must not exist)")
+    conv.add_argument("--format", default="onnx")
+    conv.add_argument("--precision", default="fp32")
+    conv.add_argument("--attention", default="plain")
+    conv.add_argument("--size", type=parse_size)
+    conv.add_argument("--lora", action="append", default=[])
+    conv.add_argument("--allow-pickle", action="store_true", help="load a pickled .ckpt you trust")
+    conv.add_argument("--no-validate", action="store_true")
+    conv.add_argument("--quiet", action="store_true")
+    conv.set_defaults(func=cmd_convert)
+
+    info = sub.add_parser("info", help="what a converted-model folder holds")
+    info.add_argument("model")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``sdlite`` console script."""
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except SdliteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Noise schedules shared by the samplers: betas, alphas_cumprod, sigmas and timestep spacing.
+
+A discrete-time diffusion model is trained on ``num_train_timesteps`` noise levels. Training defines
+``betas``; ``alphas_cumprod[t]`` (alpha-bar in Ho et al. 2020) is how much signal survives at step ``t``;
+``sigma = sqrt((1 - alpha_bar) / alpha_bar)`` is the same noise level in the variance-exploding
+parametrisation of Karras et al. 2022 (``x = x0 + sigma * eps``). Samplers pick a few of those levels
+(timestep spacing, Lin et al. 2023 "Common Diffusion Noise Schedules and Sample Steps are Flawed",
+Table 2) or resample sigmas directly (Karras et al. 2022, eq. 5).
+
+The tables are float32, as the reference implementation (diffusers) keeps them, so that a model
+sees the same timesteps and noise levels it would see there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+def check_steps(num_inference_steps: int) -> None:
+    """Raise ValueError unless ``num_inference_steps`` is a positive integer."""
+    if int(num_inference_steps) != num_inference_steps or num_inference_steps < 1:
+        raise ValueError(f"steps must be >= 1, got {num_inference_steps!r}")
+
+
+def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> np.ndarray:
+    # Nichol & Dhariwal 2021, eq. 17: alpha_bar(t) = cos²((t/T + s) / (1 + s) · π/2) with s = 0.008;
+    # beta_t = 1 - alpha_bar(t+1)/alpha_bar(t), capped so the last steps do not reach beta = 1.
+    def alpha_bar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = [
+        min(1 - alpha_bar((i + 1) / num_train_timesteps) / alpha_bar(i / num_train_timesteps), max_beta)
+        for i in range(num_train_timesteps)
+    ]
+    return np.asarray(betas, dtype=np.float32)
+
+
+def betas_from_config(
+    num_train_timesteps: int = 1000,
+    beta_start: float = 0.0001,
+    beta_end: float = 0.02,
+    beta_schedule: str = "linear",
+    trained_betas: Sequence[float] | np.ndarray | None = None,
+) -> np.ndarray:
+    """Return the float32 training betas described by a diffusers scheduler config.
+
+    ``trained_betas`` wins when given. ``"scaled_linear"`` is linear in sqrt(beta), the schedule Stable
+    Diffusion was trained with; ``"squaredcos_cap_v2"`` is the cosine schedule of Nichol & Dhariwal 2021.
+    """
+    if trained_betas is not None:
+        return np.asarray(trained_betas, dtype=np.float32)
+    if beta_schedule == "linear":
+        return np.linspace(beta_start, beta_end, num_train_timesteps).astype(np.float32)
+    if beta_schedule == "scaled_linear":
+        # Square after the float32 cast, as the reference does, so rounding matches.
+        root = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps).astype(np.float32)
+        return root * root
+    if beta_schedule == "squaredcos_cap_v2":
+        return _cosine_betas(num_train_timesteps)
+    raise NotImplementedError(
+        f"beta_schedule {beta_schedule!r} is not supported; expected linear, scaled_linear or squaredcos_cap_v2"
+    )
+
+
+def alphas_cumprod(betas: np.ndarray) -> np.ndarray:
+    """Return alpha-bar, the cumulative product of ``1 - betas``, as float32.
+
+    The product is accumulated in float64 and rounded once per entry; torch does the same on CPU, so the
+    table is bit-identical to the reference's.
+    """
+    alphas = (1.0 - np.asarray(betas, dtype=np.float32)).astype(np.float64)
+    return np.cumprod(alphas).astype(np.float32)
+
+
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Rescale betas so the last timestep has zero SNR (Lin et al. 2023, Algorithm 1)."""
+    sqrt_ab = np.sqrt(alphas_cumprod(betas))
+    first, last = sqrt_ab[0], sqrt_ab[-1]
+    # Shift so the last step is pure noise, then scale so the first step is unchanged.
+    sqrt_ab = (sqrt_ab - last) * (first / (first - last))
+    ab = sqrt_ab * sqrt_ab
+    alphas = np.concatenate([ab[:1], ab[1:] / ab[:-1]])
+    return (1.0 - alphas).astype(np.float32)
+
+
+def train_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
+    """Return sigma = sqrt((1 - alpha_bar) / alpha_bar) for every training timestep, ascending, float32."""
+    ab = np.asarray(alphas_cumprod, dtype=np.float32)
+    return np.sqrt((1 - ab) / ab)
+
+
+def spaced_timesteps(
+    num_inference_steps: int, num_train_timesteps: int, spacing: str, steps_offset: int = 0
+) -> np.ndarray:
+    """Return ``num_inference_steps`` training timesteps, descending, as float64 (not yet rounded).
+
+    ``"leading"`` takes every k-th step from 0 and adds ``steps_offset`` (Stable Diffusion 1.x);
+    ``"trailing"`` counts back from the last training step, so the first step is pure noise;
+    ``"linspace"`` spreads the steps evenly over [0, T - 1]. Samplers round (or not) as their reference does.
+    """
+    check_steps(num_inference_steps)
+    n, total = int(num_inference_steps), int(num_train_timesteps)
+    if spacing == "linspace":
+        return np.linspace(0, total - 1, n)[::-1].copy()
+    if spacing == "leading":
+        ratio = total // n
+        return (np.arange(n) * ratio + steps_offset)[::-1].astype(np.float64)
+    if spacing == "trailing":
+        ratio = total / n
+        return np.round(np.arange(total, 0, -ratio)) - 1
+    raise ValueError(f"timestep_spacing {spacing!r} is not supported; expected one of {', '.join(SPACINGS)}")
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> np.ndarray:
+    """Return ``num_steps`` sigmas from ``sigma_max`` down to ``sigma_min`` (Karras et al. 2022, eq. 5).
+
+    The steps are uniform in sigma^(1/rho); rho = 7 (the paper's value) spends more steps at low noise.
+    """
+    ramp = np.linspace(0, 1, num_steps)
+    max_inv_rho = sigma_max ** (1 / rho)
+    min_inv_rho = sigma_min ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def sigma_to_t(sigmas: np.ndarray, train_sigmas: np.ndarray) -> np.ndarray:
+    """Map sigmas to fractional training timesteps by linear interpolation in log(sigma).
+
+    ``train_sigmas`` is the ascending per-timestep table from :func:`train_sigmas`; results are clamped to
+    [0, T - 1].
+    """
+    log_table = np.log(train_sigmas)
+    log_sigma = np.log(np.maximum(np.asarray(sigmas, dtype=np.float64), 1e-10)).reshape(-1)
+    # low = last table entry not above log_sigma (0 when none is), so [low, low + 1] brackets it.
+    below = log_table[None, :] <= log_sigma[:, None]
+    last_below = len(log_table) - 1 - np.argmax(below[:, ::-1], axis=1)
+    low_idx = np.where(below.any(axis=1), last_below, 0).clip(max=len(log_table) - 2)
+    low, high = log_table[low_idx], log_table[low_idx + 1]
+    w = np.clip((low - log_sigma) / (low - high), 0, 1)
+    return ((1 - w) * low_idx + w * (low_idx + 1)).reshape(np.shape(sigmas))
+
+
+def index_for_timestep(timesteps: np.ndarray, timestep: float) -> int | None:
+    """Return the position of ``timestep`` in ``timesteps``, or None when it is absent.
+
+    When it appears more than once the second match is returned: a loop that starts mid-schedule
+    (img2img) then does not skip a noise level. This is the reference's rule.
+    """
+    matches = np.flatnonzero(timesteps == timestep)
+    if len(matches) == 0:
+        return None
+    return int(matches[1] if len(matches) > 1 else matches[0])
+
+
+def broadcast_per_sample(values: np.ndarray, ndim: int) -> np.ndarray:
+    """Reshape a per-sample vector to (batch, 1, 1, ...) so it broadcasts against an ndim-dimensional batch."""
+    values = np.asarray(values).reshape(-1)
+    return values.reshape(values.shape + (1,) * (ndim - 1))
+
+
+def add_noise_vp(
+    alphas_cumprod: np.ndarray, original_samples: np.ndarray, noise: np.ndarray, timesteps: np.ndarray
+) -> np.ndarray:
+    """Forward diffusion q(x_t | x_0) = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps (Ho et al. 2020, eq. 4)."""
+    ab = np.asarray(alphas_cumprod, dtype=np.float32)[np.asarray(timesteps, dtype=np.int64).reshape(-1)]
+    ndim = np.ndim(original_samples)
+    signal = broadcast_per_sample(np.sqrt(ab), ndim)
+    noise_scale = broadcast_per_sample(np.sqrt(1 - ab), ndim)
+    return (signal * original_samples + noise_scale * noise).astype(np.float32)

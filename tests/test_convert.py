@@ -1,0 +1,80 @@
+"""sdlite convert: the folder layout, validation figures, atomic writes and its errors."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import onnx
+
+from sdlite.cli import main
+from sdlite.manifest import COMPONENTS
+
+EXPECTED_IO = {
+    "text_encoder": (["input_ids"], ["last_hidden_state", "pooler_output"]),
+    "unet": (["sample", "timestep", "encoder_hidden_states"], ["out_sample"]),
+    "vae_encoder": (["sample"], ["latent_parameters"]),
+    "vae_decoder": (["latent_sample"], ["sample"]),
+}
+
+
+def test_folder_layout_and_manifest(tiny_onnx):
+    for name in ("model_index.json", "sdlite.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json",
+                 "tokenizer/merges.txt"):
+        assert (tiny_onnx / name).is_file(), name
+    manifest = json.loads((tiny_onnx / "sdlite.json").read_text())
+    assert manifest["family"] == "sd15" and manifest["prediction_type"] == "epsilon"
+    assert manifest["default_size"] == [64, 64] and len(manifest["source_sha256"]) == 64
+    for part in COMPONENTS:
+        (variant,) = manifest["components"][part]
+        assert variant["format"] == "onnx" and variant["precision"] == "fp32"
+        assert variant["validation"]["passed"]
+        # fp32 export vs PyTorch: well inside the part's tolerance.
+        assert max(variant["validation"]["max_abs_diff"].values()) < 1e-4
+        graph = onnx.load(str(tiny_onnx / part / "model.onnx"), load_external_data=False)
+        inputs, outputs = EXPECTED_IO[part]
+        assert [i.name for i in graph.graph.input] == inputs
+        assert [o.name for o in graph.graph.output] == outputs
+        assert (tiny_onnx / part / "config.json").is_file()
+
+
+def test_existing_output_is_refused(tiny_diffusers, tiny_onnx, capsys):
+    assert main(["convert", str(tiny_diffusers), str(tiny_onnx), "--quiet"]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_missing_source(tmp_path, capsys):
+    assert main(["convert", str(tmp_path / "nothing"), str(tmp_path / "out"), "--quiet"]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_pickle_refused_without_flag(tmp_path, capsys):
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"not read")
+    assert main(["convert", str(ckpt), str(tmp_path / "out"), "--quiet"]) == 2
+    assert "--allow-pickle" in capsys.readouterr().err
+
+
+def test_unsupported_precision_is_named(tiny_diffusers, tmp_path, capsys):
+    assert main(["convert", str(tiny_diffusers), str(tmp_path / "out"), "--precision", "fp33", "--quiet"]) == 2
+    assert "fp33" in capsys.readouterr().err
+
+
+def test_interrupted_convert_leaves_nothing(tiny_diffusers, tmp_path):
+    """SIGINT midway: no output folder and no temporary sibling remain."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "sdlite", "convert", str(tiny_diffusers), str(out), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob(".out.tmp-*")):
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".out.tmp-*")), "conversion never started writing"
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out.tmp-*"))
