@@ -36,14 +36,21 @@ def _model_index(pipe) -> dict:
     """diffusers' model_index.json with optimum's ONNX pipeline component names."""
     index = {key: value for key, value in dict(pipe.config).items() if not key.startswith("_")}
     components = {
-        "text_encoder": ["transformers", "CLIPTextModel"], "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae_encoder": ["diffusers", "AutoencoderKL"], "vae_decoder": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae_encoder": ["diffusers", "AutoencoderKL"],
+        "vae_decoder": ["diffusers", "AutoencoderKL"],
         "tokenizer": index.get("tokenizer", ["transformers", "CLIPTokenizer"]),
         "scheduler": index.get("scheduler", ["diffusers", "PNDMScheduler"]),
     }
-    return {"_class_name": "StableDiffusionPipeline", "_diffusers_version": pipe.config.get("_diffusers_version"),
-            "requires_safety_checker": False, "safety_checker": [None, None], "feature_extractor": [None, None],
-            **components}
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": pipe.config.get("_diffusers_version"),
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        **components,
+    }
 
 
 def _save_configs(pipe, folder: Path) -> None:
@@ -86,7 +93,8 @@ def convert(
     pipe = loaded.pipe
     factor = vae_scale_factor(pipe)
     manifest = Manifest(
-        family=_family(pipe), name=loaded.name,
+        family=_family(pipe),
+        name=loaded.name,
         prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
         vae_scaling_factor=float(pipe.vae.config.scaling_factor),
         default_size=(pipe.unet.config.sample_size * factor,) * 2,
@@ -109,10 +117,15 @@ def convert(
                 validation = result.to_json()
                 if not result.passed:
                     failures.append(result.describe())
-            manifest.components[name] = [Variant(
-                format="onnx", precision="fp32", attention="plain",
-                files={str(f.relative_to(tmp)): sha256_file(f) for f in files}, validation=validation,
-            )]
+            manifest.components[name] = [
+                Variant(
+                    format="onnx",
+                    precision="fp32",
+                    attention="plain",
+                    files={str(f.relative_to(tmp)): sha256_file(f) for f in files},
+                    validation=validation,
+                )
+            ]
         if failures:
             raise ValidationError("export out of tolerance: " + "; ".join(failures))
         _save_configs(pipe, tmp)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdlite.errors import InputError
+from sdlite.errors import InputError, summarize
 from sdlite.hashing import sha256_file
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
@@ -28,11 +28,6 @@ def _unet_weights(folder: Path) -> Path | None:
     return None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
-
-
 def _float32():
     import torch
 
@@ -45,15 +40,17 @@ def _load_folder(folder: Path):
     if not (folder / "model_index.json").is_file():
         raise InputError(f"{folder}: not a diffusers folder (no model_index.json)")
     try:
-        return DiffusionPipeline.from_pretrained(folder, torch_dtype=_float32(), safety_checker=None,
-                                                 requires_safety_checker=False)
+        return DiffusionPipeline.from_pretrained(
+            folder, torch_dtype=_float32(), safety_checker=None, requires_safety_checker=False
+        )
     except (OSError, ValueError, KeyError) as exc:
-        raise InputError(f"{folder}: could not be loaded as a diffusers pipeline ({_first_line(exc)})") from None
+        raise InputError(f"{folder}: could not be loaded as a diffusers pipeline ({summarize(exc)})") from None
 
 
 def _check_supported(pipe, source: str) -> None:
-    missing = [name for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-               if getattr(pipe, name, None) is None]
+    missing = [
+        name for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if getattr(pipe, name, None) is None
+    ]
     if missing:
         raise InputError(f"{source}: not a Stable Diffusion pipeline (missing {', '.join(missing)})")
     if getattr(pipe, "text_encoder_2", None) is not None:
@@ -76,14 +73,17 @@ def load_checkpoint(source: str, allow_pickle: bool = False) -> LoadedCheckpoint
     elif path.is_file():
         suffix = path.suffix.lower()
         if suffix in PICKLE_SUFFIXES and not allow_pickle:
-            raise InputError(f"{path}: pickle checkpoints can run code when loaded; convert a .safetensors "
-                             "file instead, or pass --allow-pickle if you trust this file")
+            raise InputError(
+                f"{path}: pickle checkpoints can run code when loaded; convert a .safetensors "
+                "file instead, or pass --allow-pickle if you trust this file"
+            )
         if suffix not in PICKLE_SUFFIXES | {".safetensors"}:
             raise InputError(f"{path}: expected a diffusers folder, a .safetensors file or a hub id")
         from diffusers import StableDiffusionPipeline
 
-        pipe = StableDiffusionPipeline.from_single_file(str(path), torch_dtype=_float32(), safety_checker=None,
-                                                        requires_safety_checker=False)
+        pipe = StableDiffusionPipeline.from_single_file(
+            str(path), torch_dtype=_float32(), safety_checker=None, requires_safety_checker=False
+        )
         sha = sha256_file(path)
         name = path.stem
     elif source.count("/") == 1 and not source.startswith((".", "/")):
@@ -92,14 +92,16 @@ def load_checkpoint(source: str, allow_pickle: bool = False) -> LoadedCheckpoint
         try:
             folder = Path(DiffusionPipeline.download(source))
         except Exception as exc:  # the hub client raises many types; the user needs one line
-            raise InputError(f"{source}: not a local path, and the hub id could not be fetched "
-                             f"({type(exc).__name__})") from exc
+            raise InputError(
+                f"{source}: not a local path, and the hub id could not be fetched ({type(exc).__name__})"
+            ) from exc
         pipe = _load_folder(folder)
         weights = _unet_weights(folder)
         sha = sha256_file(weights) if weights else None
         name = source.split("/")[-1]
     else:
-        raise InputError(f"{source}: no such file or folder (expected a diffusers folder, a .safetensors file "
-                         "or a hub id)")
+        raise InputError(
+            f"{source}: no such file or folder (expected a diffusers folder, a .safetensors file or a hub id)"
+        )
     _check_supported(pipe, source)
     return LoadedCheckpoint(pipe=pipe, name=name, sha256=sha)

@@ -45,8 +45,14 @@ def export_onnx(spec: PartSpec, module: torch.nn.Module, dummy: dict[str, torch.
         target = out_dir / "model.onnx"
         size = sum(t.ByteSize() for t in model.graph.initializer)
         if size > _PROTOBUF_LIMIT:
-            onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=EXTERNAL_DATA_NAME, size_threshold=1024)
+            onnx.save_model(
+                model,
+                str(target),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=EXTERNAL_DATA_NAME,
+                size_threshold=1024,
+            )
             return [target, out_dir / EXTERNAL_DATA_NAME]
         onnx.save_model(model, str(target))
         return [target]

@@ -111,8 +111,9 @@ def _latents(pipe, size: ExportSize) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(size.height)
     factor = vae_scale_factor(pipe)
     channels = pipe.vae.config.latent_channels
-    return {"latent_sample": torch.randn(size.batch, channels, size.height // factor, size.width // factor,
-                                         generator=gen)}
+    return {
+        "latent_sample": torch.randn(size.batch, channels, size.height // factor, size.width // factor, generator=gen)
+    }
 
 
 _BATCH_HW = {0: "batch_size", 2: "height", 3: "width"}
@@ -122,7 +123,8 @@ PARTS: dict[str, PartSpec] = {
         name="text_encoder",
         inputs={"input_ids": {0: "batch_size", 1: "sequence_length"}},
         outputs={"last_hidden_state": {0: "batch_size", 1: "sequence_length"}, "pooler_output": {0: "batch_size"}},
-        atol=1e-4, rtol=1e-3,
+        atol=1e-4,
+        rtol=1e-3,
         wrap=lambda pipe: _TextEncoder(pipe.text_encoder),
         dummy_inputs=_token_ids,
     ),
@@ -131,7 +133,8 @@ PARTS: dict[str, PartSpec] = {
         # optimum exports the timestep as a float32 scalar.
         inputs={"sample": _BATCH_HW, "timestep": {}, "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"}},
         outputs={"out_sample": _BATCH_HW},
-        atol=1e-4, rtol=1e-3,
+        atol=1e-4,
+        rtol=1e-3,
         wrap=lambda pipe: _UNet(pipe.unet),
         dummy_inputs=_unet_inputs,
     ),
@@ -139,7 +142,8 @@ PARTS: dict[str, PartSpec] = {
         name="vae_encoder",
         inputs={"sample": {0: "batch_size", 2: "sample_height", 3: "sample_width"}},
         outputs={"latent_parameters": {0: "batch_size", 2: "latent_height", 3: "latent_width"}},
-        atol=3e-4, rtol=1e-3,
+        atol=3e-4,
+        rtol=1e-3,
         wrap=lambda pipe: _VaeEncoder(pipe.vae),
         dummy_inputs=_image,
     ),
@@ -147,7 +151,8 @@ PARTS: dict[str, PartSpec] = {
         name="vae_decoder",
         inputs={"latent_sample": {0: "batch_size", 2: "latent_height", 3: "latent_width"}},
         outputs={"sample": {0: "batch_size", 2: "height", 3: "width"}},
-        atol=3e-4, rtol=1e-3,
+        atol=3e-4,
+        rtol=1e-3,
         wrap=lambda pipe: _VaeDecoder(pipe.vae),
         dummy_inputs=_latents,
     ),

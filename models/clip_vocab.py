@@ -36,9 +36,7 @@ def bytes_to_unicode() -> dict[int, str]:
     the first 256 vocabulary entries, so it matters.
     """
     printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     )
     mapping = {b: chr(b) for b in printable}
     extra = 0

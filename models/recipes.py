@@ -51,14 +51,32 @@ class Widths:
 
 RECIPES: dict[str, Widths] = {
     "tiny": Widths(
-        unet_channels=(32, 32, 64, 64), unet_layers=1, unet_head_dim=8, unet_groups=8,
-        vae_channels=(16, 16, 32, 32), vae_layers=1, vae_groups=8,
-        text_hidden=32, text_ffn=64, text_layers=2, text_heads=4, sample_size=8,
+        unet_channels=(32, 32, 64, 64),
+        unet_layers=1,
+        unet_head_dim=8,
+        unet_groups=8,
+        vae_channels=(16, 16, 32, 32),
+        vae_layers=1,
+        vae_groups=8,
+        text_hidden=32,
+        text_ffn=64,
+        text_layers=2,
+        text_heads=4,
+        sample_size=8,
     ),
     "sd15-random": Widths(
-        unet_channels=(320, 640, 1280, 1280), unet_layers=2, unet_head_dim=8, unet_groups=32,
-        vae_channels=(128, 256, 512, 512), vae_layers=2, vae_groups=32,
-        text_hidden=768, text_ffn=3072, text_layers=12, text_heads=12, sample_size=64,
+        unet_channels=(320, 640, 1280, 1280),
+        unet_layers=2,
+        unet_head_dim=8,
+        unet_groups=32,
+        vae_channels=(128, 256, 512, 512),
+        vae_layers=2,
+        vae_groups=32,
+        text_hidden=768,
+        text_ffn=3072,
+        text_layers=12,
+        text_heads=12,
+        sample_size=64,
     ),
 }
 
@@ -107,8 +125,14 @@ def build_pipeline(widths: Widths, seed: int = 0):
         tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     scheduler = PNDMScheduler.from_config(SD15_SCHEDULER)
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 

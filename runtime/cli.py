@@ -61,11 +61,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
     width, height = args.size or (None, None)
     if args.steps < 1:
         raise InputError(f"--steps {args.steps}: must be at least 1")
-    pipe = Pipeline.load(args.model or _default_model(), engine=args.engine, device=args.device,
-                         precision=args.precision, low_memory=args.low_memory)
-    images = pipe.txt2img(args.prompt, negative_prompt=args.negative, steps=args.steps, cfg_scale=args.cfg,
-                          sampler=args.sampler, seed=seed, width=width, height=height, batch=args.batch,
-                          progress=not args.quiet)
+    pipe = Pipeline.load(
+        args.model or _default_model(),
+        engine=args.engine,
+        device=args.device,
+        precision=args.precision,
+        low_memory=args.low_memory,
+        compute=args.compute,
+    )
+    images = pipe.txt2img(
+        args.prompt,
+        negative_prompt=args.negative,
+        steps=args.steps,
+        cfg_scale=args.cfg,
+        sampler=args.sampler,
+        seed=seed,
+        width=width,
+        height=height,
+        batch=args.batch,
+        progress=not args.quiet,
+    )
     for image, path in zip(images, outputs, strict=True):
         save_png(image, path)
         if not args.quiet:
@@ -78,13 +93,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
     try:
         from sdlite.convert.converter import convert
     except ImportError as exc:
-        raise InputError(f"sdlite convert needs the convert extra: pip install 'sdlite[convert]' ({exc.name} "
-                         "is missing)") from None
+        raise InputError(
+            f"sdlite convert needs the convert extra: pip install 'sdlite[convert]' ({exc.name} is missing)"
+        ) from None
     if args.size or args.lora:
         raise InputError("--size and --lora are not supported yet by this version of sdlite convert")
-    convert(args.source, args.out, formats=args.format.split(","), precisions=args.precision.split(","),
-            attention=args.attention, validate=not args.no_validate, allow_pickle=args.allow_pickle,
-            quiet=args.quiet)
+    convert(
+        args.source,
+        args.out,
+        formats=args.format.split(","),
+        precisions=args.precision.split(","),
+        attention=args.attention,
+        validate=not args.no_validate,
+        allow_pickle=args.allow_pickle,
+        quiet=args.quiet,
+    )
     if not args.quiet:
         print(f"wrote {args.out}")
     return 0
@@ -108,8 +131,10 @@ def cmd_info(args: argparse.Namespace) -> int:
             if variant.validation:
                 worst = max(variant.validation["max_abs_diff"].values())
                 check = f"  max|diff| vs PyTorch {worst:.1e} {'ok' if variant.validation['passed'] else 'FAILED'}"
-            print(f"{component:<13}{variant.format:<9}{variant.precision:<6}{variant.attention:<7}"
-                  f"{size / 2**20:9.1f} MiB{check}")
+            print(
+                f"{component:<13}{variant.format:<9}{variant.precision:<6}{variant.attention:<7}"
+                f"{size / 2**20:9.1f} MiB{check}"
+            )
     return 0
 
 
@@ -131,8 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=-1, help="-1 picks a random seed")
     gen.add_argument("--size", type=parse_size, help="WIDTHxHEIGHT, multiples of 8 (default: the model's)")
     gen.add_argument("--batch", type=int, default=1)
-    gen.add_argument("--engine", default="onnx", help="onnx")
-    gen.add_argument("--device", default="CPU")
+    gen.add_argument("--engine", default="onnx", help="onnx (onnxruntime) or openvino")
+    gen.add_argument("--device", default="CPU", help="CPU, GPU, NPU or AUTO (what the engine sees here)")
+    gen.add_argument("--compute", default="auto", help="arithmetic precision: f32, bf16, f16 or auto (device default)")
     gen.add_argument("--precision", help="weight precision variant to run (default: the first the folder holds)")
     gen.add_argument("--low-memory", action="store_true", help="load one part at a time")
     gen.add_argument("-o", "--output", help="output PNG (default: sdlite-SEED.png)")

@@ -11,3 +11,14 @@ class InputError(SdliteError):
     """Bad usage or bad input: a wrong size, a missing file, a corrupt model (exit code 2)."""
 
     exit_code = 2
+
+
+def summarize(exc: BaseException, limit: int = 200) -> str:
+    """The first informative line of a third-party exception, for a one-line error message.
+
+    OpenVINO prefixes its messages with "Exception from <source file>" lines; those are skipped."""
+    for line in str(exc).strip().splitlines():
+        line = line.strip()
+        if line and not line.startswith("Exception from"):
+            return line[:limit]
+    return type(exc).__name__

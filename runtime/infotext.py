@@ -26,6 +26,5 @@ def format_infotext(prompt: str, negative_prompt: str, parameters: Mapping[str, 
     lines = [prompt]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
-    lines.append(", ".join(f"{key}: {_format_value(value)}" for key, value in parameters.items()
-                           if value is not None))
+    lines.append(", ".join(f"{key}: {_format_value(value)}" for key, value in parameters.items() if value is not None))
     return "\n".join(lines)

@@ -56,9 +56,13 @@ class Manifest:
         """Parse the dict ``to_json`` wrote; raises KeyError/TypeError on a malformed manifest."""
         components = {name: [Variant(**v) for v in variants] for name, variants in data["components"].items()}
         return cls(
-            family=data["family"], name=data["name"], prediction_type=data["prediction_type"],
-            vae_scaling_factor=float(data["vae_scaling_factor"]), default_size=tuple(data["default_size"]),
-            source_sha256=data.get("source_sha256"), components=components,
+            family=data["family"],
+            name=data["name"],
+            prediction_type=data["prediction_type"],
+            vae_scaling_factor=float(data["vae_scaling_factor"]),
+            default_size=tuple(data["default_size"]),
+            source_sha256=data.get("source_sha256"),
+            components=components,
             format_version=int(data.get("format_version", FORMAT_VERSION)),
         )
 

@@ -31,7 +31,8 @@ def _infer_manifest(folder: Path) -> Manifest:
         for fmt, graph in GRAPH_FILES.items():
             if (folder / component / graph).is_file():
                 components.setdefault(component, []).append(
-                    Variant(format=fmt, precision="fp32", attention="plain", files={f"{component}/{graph}": ""}))
+                    Variant(format=fmt, precision="fp32", attention="plain", files={f"{component}/{graph}": ""})
+                )
     vae_config = folder / "vae_decoder" / "config.json"
     vae = _read_json(vae_config) if vae_config.is_file() else {}
     unet_config = folder / "unet" / "config.json"
@@ -82,15 +83,18 @@ class ModelFolder:
         """Every variant of ``component`` the folder holds."""
         return self.manifest.components.get(component, [])
 
-    def graph(self, component: str, fmt: str, precision: str | None = None) -> Path:
-        """The graph file of ``component`` in format ``fmt`` (and ``precision``, else the first one held)."""
+    def graph(self, component: str, formats: tuple[str, ...], precision: str | None = None) -> Path:
+        """The graph file of ``component`` in the first of ``formats`` the folder holds (in ``precision``,
+        else the first precision held)."""
         held = self.variants(component)
         if not held:
             raise InputError(f"{self.path}: the model has no {component} (the folder is incomplete; convert again)")
-        matching = [v for v in held if v.format == fmt and (precision is None or v.precision == precision)]
+        matching = [
+            v for fmt in formats for v in held if v.format == fmt and (precision is None or v.precision == precision)
+        ]
         if not matching:
             have = ", ".join(sorted({f"{v.format} {v.precision}" for v in held}))
-            wanted = f"{fmt} {precision}" if precision else fmt
+            wanted = f"{' or '.join(formats)} {precision or ''}".strip()
             raise InputError(f"{self.path}: {component} has no {wanted} variant; it holds: {have}")
         file = self.path / matching[0].main_file
         if not file.is_file():

@@ -16,7 +16,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from sdlite import __version__, schedulers
-from sdlite.engines import Engine, load_engine
+from sdlite.engines import ENGINE_FORMATS, Engine, check_engine, load_engine
 from sdlite.errors import InputError
 from sdlite.hashing import short_hash
 from sdlite.infotext import format_infotext
@@ -29,7 +29,9 @@ MAX_SEED = 2**64 - 1
 
 # diffusers' scheduler classes -> the A1111 sampler name sdlite uses when the user names none.
 _DEFAULT_SAMPLERS = {
-    "PNDMScheduler": "PNDM", "DDIMScheduler": "DDIM", "EulerAncestralDiscreteScheduler": "Euler a",
+    "PNDMScheduler": "PNDM",
+    "DDIMScheduler": "DDIM",
+    "EulerAncestralDiscreteScheduler": "Euler a",
     "DPMSolverMultistepScheduler": "DPM++ 2M Karras",
 }
 
@@ -62,28 +64,58 @@ class Pipeline:
     afterwards, so peak memory is the largest part rather than their sum.
     """
 
-    def __init__(self, folder: ModelFolder, engine: str = "onnx", device: str = "CPU", precision: str | None = None,
-                 low_memory: bool = False, threads: int | None = None):
+    def __init__(
+        self,
+        folder: ModelFolder,
+        engine: str = "onnx",
+        device: str = "CPU",
+        precision: str | None = None,
+        low_memory: bool = False,
+        threads: int | None = None,
+        compute: str = "auto",
+    ):
+        check_engine(engine)
         self.folder = folder
         self.engine_name = engine
         self.device = device
         self.precision = precision
+        self.compute = compute
         self.low_memory = low_memory
         self.threads = threads
         self.tokenizer = CLIPTokenizer.from_folder(folder.tokenizer_dir)
         self._engines: dict[str, Engine] = {}
         # Resolve every graph now, so a missing part or precision fails before any work.
-        self._graphs = {name: folder.graph(name, engine, precision) for name in ("text_encoder", "unet", "vae_decoder")}
+        self._graphs = {
+            name: folder.graph(name, ENGINE_FORMATS[engine], precision)
+            for name in ("text_encoder", "unet", "vae_decoder")
+        }
         if not low_memory:
             for name in self._graphs:
                 self._engine(name)
 
     @classmethod
-    def load(cls, path: str | Path, engine: str = "onnx", device: str = "CPU", precision: str | None = None,
-             low_memory: bool = False, threads: int | None = None) -> Pipeline:
-        """Open the converted-model folder at ``path`` and load its parts in ``engine`` on ``device``."""
-        return cls(ModelFolder.open(path), engine=engine, device=device, precision=precision,
-                   low_memory=low_memory, threads=threads)
+    def load(
+        cls,
+        path: str | Path,
+        engine: str = "onnx",
+        device: str = "CPU",
+        precision: str | None = None,
+        low_memory: bool = False,
+        threads: int | None = None,
+        compute: str = "auto",
+    ) -> Pipeline:
+        """Open the converted-model folder at ``path`` and load its parts in ``engine`` on ``device``.
+
+        ``compute`` is the arithmetic precision (f32, bf16, f16, or auto: the device's default)."""
+        return cls(
+            ModelFolder.open(path),
+            engine=engine,
+            device=device,
+            precision=precision,
+            low_memory=low_memory,
+            threads=threads,
+            compute=compute,
+        )
 
     @property
     def default_sampler(self) -> str:
@@ -95,9 +127,20 @@ class Pipeline:
         """The size the model was trained at."""
         return tuple(self.folder.manifest.default_size)
 
+    @property
+    def compute_precision(self) -> str:
+        """The precision the arithmetic runs in (what ``compute="auto"`` resolves to on this device)."""
+        if self.engine_name == "openvino":
+            from sdlite.engines.openvino import compute_precision
+
+            return compute_precision(self.device, self.compute)
+        return "f32"
+
     def _engine(self, name: str) -> Engine:
         if name not in self._engines:
-            self._engines[name] = load_engine(self._graphs[name], self.engine_name, self.device, self.threads)
+            self._engines[name] = load_engine(
+                self._graphs[name], self.engine_name, self.device, self.threads, self.compute
+            )
         return self._engines[name]
 
     def _done_with(self, name: str) -> None:
@@ -113,12 +156,22 @@ class Pipeline:
         """Latents -> images in 0..1, (batch, H, W, 3); one image at a time to bound memory."""
         scaled = latents / self.folder.manifest.vae_scaling_factor
         vae = self._engine("vae_decoder")
-        images = [vae.run({"latent_sample": scaled[i:i + 1]})["sample"] for i in range(len(scaled))]
+        images = [vae.run({"latent_sample": scaled[i : i + 1]})["sample"] for i in range(len(scaled))]
         image = np.concatenate(images).astype(np.float32)
         return np.clip(image / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
 
-    def _check(self, prompt: str, negative_prompt: str, steps: int, cfg_scale: float, sampler: str | None,
-               seed: int | None, width: int | None, height: int | None, batch: int) -> GenerationRequest:
+    def _check(
+        self,
+        prompt: str,
+        negative_prompt: str,
+        steps: int,
+        cfg_scale: float,
+        sampler: str | None,
+        seed: int | None,
+        width: int | None,
+        height: int | None,
+        batch: int,
+    ) -> GenerationRequest:
         width = width or self.default_size[0]
         height = height or self.default_size[1]
         check_size(width, height)
@@ -130,19 +183,31 @@ class Pipeline:
             seed = int(np.random.default_rng().integers(0, 2**32))
         if seed > MAX_SEED:
             raise InputError(f"seed {seed}: must be at most 2**64-1")
-        sampler = sampler or self.default_sampler
         try:
-            schedulers.create(sampler, self.folder.scheduler_config)  # fails early on an unknown name
+            sampler = schedulers.canonical_name(sampler or self.default_sampler)
+            schedulers.create(sampler, self.folder.scheduler_config)  # fails early on an unsupported config
         except ValueError as exc:
             raise InputError(str(exc)) from None
-        return GenerationRequest(prompt, negative_prompt or "", steps, float(cfg_scale), sampler, seed,
-                                 width, height, batch)
+        return GenerationRequest(
+            prompt, negative_prompt or "", steps, float(cfg_scale), sampler, seed, width, height, batch
+        )
 
-    def txt2img(self, prompt: str, negative_prompt: str = "", steps: int = 20, cfg_scale: float = 7.5,
-                sampler: str | None = None, seed: int | None = None, width: int | None = None,
-                height: int | None = None, batch: int = 1, latents: np.ndarray | None = None,
-                output_type: str = "pil", progress: bool = True,
-                callback: Callable[[int, np.ndarray], None] | None = None) -> list[Image.Image] | np.ndarray:
+    def txt2img(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        steps: int = 20,
+        cfg_scale: float = 7.5,
+        sampler: str | None = None,
+        seed: int | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        batch: int = 1,
+        latents: np.ndarray | None = None,
+        output_type: str = "pil",
+        progress: bool = True,
+        callback: Callable[[int, np.ndarray], None] | None = None,
+    ) -> list[Image.Image] | np.ndarray:
         """Generate ``batch`` images for ``prompt``.
 
         Image ``i`` uses seed ``seed + i`` (as AUTOMATIC1111 does), so any image of a batch can be made again
@@ -175,8 +240,9 @@ class Pipeline:
             model_input = np.concatenate([latents, latents]) if guided else latents
             model_input = scheduler.scale_model_input(model_input, t)
             timestep = np.full((len(model_input),), t, dtype=np.float32)
-            eps = unet.run({"sample": model_input, "timestep": timestep,
-                            "encoder_hidden_states": context})["out_sample"]
+            eps = unet.run({"sample": model_input, "timestep": timestep, "encoder_hidden_states": context})[
+                "out_sample"
+            ]
             if guided:
                 uncond, cond = np.split(eps, 2)
                 eps = uncond + np.float32(request.cfg_scale) * (cond - uncond)
@@ -199,12 +265,22 @@ class Pipeline:
         model_hash = self.folder.model_hash
         result = to_pil(images)
         for i, image in enumerate(result):
-            image.info["parameters"] = format_infotext(request.prompt, request.negative_prompt, {
-                "Steps": request.steps, "Sampler": request.sampler, "CFG scale": request.cfg_scale,
-                "Seed": request.seed + i, "Size": f"{request.width}x{request.height}",
-                "Model hash": short_hash(model_hash) if model_hash else None, "Model": manifest.name,
-                "Engine": self.engine_name, "Version": f"sdlite {__version__}",
-            })
+            image.info["parameters"] = format_infotext(
+                request.prompt,
+                request.negative_prompt,
+                {
+                    "Steps": request.steps,
+                    "Sampler": request.sampler,
+                    "CFG scale": request.cfg_scale,
+                    "Seed": request.seed + i,
+                    "Size": f"{request.width}x{request.height}",
+                    "Model hash": short_hash(model_hash) if model_hash else None,
+                    "Model": manifest.name,
+                    "Engine": self.engine_name,
+                    "Compute": self.compute_precision,
+                    "Version": f"sdlite {__version__}",
+                },
+            )
         return result
 
     def release(self) -> None:

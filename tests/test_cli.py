@@ -18,8 +18,20 @@ from sdlite.schedulers import names as sampler_names
 
 
 def _generate(model: Path, out: Path, *extra: str) -> list[str]:
-    return ["generate", "a red circle on a blue background", "-m", str(model), "-o", str(out),
-            "--steps", "3", "--seed", "42", "--quiet", *extra]
+    return [
+        "generate",
+        "a red circle on a blue background",
+        "-m",
+        str(model),
+        "-o",
+        str(out),
+        "--steps",
+        "3",
+        "--seed",
+        "42",
+        "--quiet",
+        *extra,
+    ]
 
 
 def test_generate_runs_without_torch(tiny_onnx, tmp_path):
@@ -47,7 +59,7 @@ def test_png_carries_infotext_and_reruns_identically(tiny_onnx, tmp_path):
     infotext = Image.open(first).info["parameters"]
     lines = infotext.split("\n")
     assert lines[0] == "a red circle on a blue background"
-    assert lines[1] == 'Negative prompt: ugly, blurry'
+    assert lines[1] == "Negative prompt: ugly, blurry"
     assert lines[2].startswith("Steps: 3, Sampler: Euler a, CFG scale: 7, Seed: 42, Size: 64x64, Model hash: ")
     manifest = json.loads((tiny_onnx / "sdlite.json").read_text())
     assert f"Model hash: {manifest['source_sha256'][:10]}, Model: tiny" in lines[2]
@@ -56,8 +68,9 @@ def test_png_carries_infotext_and_reruns_identically(tiny_onnx, tmp_path):
 
 def test_batch_writes_one_file_per_image(tiny_onnx, tmp_path):
     assert main(_generate(tiny_onnx, tmp_path / "grid.png", "--batch", "2")) == 0
-    seeds = [Image.open(tmp_path / f"grid-{i}.png").info["parameters"].split("Seed: ")[1].split(",")[0]
-             for i in range(2)]
+    seeds = [
+        Image.open(tmp_path / f"grid-{i}.png").info["parameters"].split("Seed: ")[1].split(",")[0] for i in range(2)
+    ]
     assert seeds == ["42", "43"]
 
 
@@ -142,7 +155,12 @@ def test_bad_usage_is_one_line(capsys):
 def test_console_script_exit_code(tmp_path):
     """The installed entry point exits 2 with one line, no traceback."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run([sys.executable, "-m", "sdlite", "generate", "x", "-m", str(tmp_path / "none"),
-                             "-o", str(tmp_path / "x.png")], capture_output=True, text=True, env=env, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "sdlite", "generate", "x", "-m", str(tmp_path / "none"), "-o", str(tmp_path / "x.png")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr

@@ -22,8 +22,13 @@ EXPECTED_IO = {
 
 
 def test_folder_layout_and_manifest(tiny_onnx):
-    for name in ("model_index.json", "sdlite.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json",
-                 "tokenizer/merges.txt"):
+    for name in (
+        "model_index.json",
+        "sdlite.json",
+        "scheduler/scheduler_config.json",
+        "tokenizer/vocab.json",
+        "tokenizer/merges.txt",
+    ):
         assert (tiny_onnx / name).is_file(), name
     manifest = json.loads((tiny_onnx / "sdlite.json").read_text())
     assert manifest["family"] == "sd15" and manifest["prediction_type"] == "epsilon"
@@ -67,8 +72,11 @@ def test_unsupported_precision_is_named(tiny_diffusers, tmp_path, capsys):
 def test_interrupted_convert_leaves_nothing(tiny_diffusers, tmp_path):
     """SIGINT midway: no output folder and no temporary sibling remain."""
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "sdlite", "convert", str(tiny_diffusers), str(out), "--quiet"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sdlite", "convert", str(tiny_diffusers), str(out), "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not list(tmp_path.glob(".out.tmp-*")):
         time.sleep(0.05)

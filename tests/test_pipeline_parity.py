@@ -32,7 +32,8 @@ def _diffusers_scheduler(name: str, config):
         "DDIM": lambda: DDIMScheduler.from_config(config),
         "Euler a": lambda: EulerAncestralDiscreteScheduler.from_config(config),
         "DPM++ 2M Karras": lambda: DPMSolverMultistepScheduler.from_config(
-            config, use_karras_sigmas=True, algorithm_type="dpmsolver++", solver_order=2),
+            config, use_karras_sigmas=True, algorithm_type="dpmsolver++", solver_order=2
+        ),
     }[name]()
 
 
@@ -63,10 +64,28 @@ def test_txt2img_matches_diffusers(sampler, cfg, reference_pipe, ours, monkeypat
     monkeypatch.setattr(euler_a, "randn_tensor", lambda *args, **kwargs: step_noise.pop(0))
 
     reference_pipe.scheduler = _diffusers_scheduler(sampler, reference_pipe.scheduler.config)
-    expected = reference_pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=cfg,
-                              height=SIZE, width=SIZE, latents=torch.from_numpy(latents), output_type="np").images
-    got = ours.txt2img(PROMPT, negative_prompt=NEGATIVE, steps=STEPS, cfg_scale=cfg, sampler=sampler,
-                       seed=SEED, width=SIZE, height=SIZE, output_type="np", progress=False)
+    expected = reference_pipe(
+        PROMPT,
+        negative_prompt=NEGATIVE,
+        num_inference_steps=STEPS,
+        guidance_scale=cfg,
+        height=SIZE,
+        width=SIZE,
+        latents=torch.from_numpy(latents),
+        output_type="np",
+    ).images
+    got = ours.txt2img(
+        PROMPT,
+        negative_prompt=NEGATIVE,
+        steps=STEPS,
+        cfg_scale=cfg,
+        sampler=sampler,
+        seed=SEED,
+        width=SIZE,
+        height=SIZE,
+        output_type="np",
+        progress=False,
+    )
     assert got.shape == expected.shape == (1, SIZE, SIZE, 3)
     diff = float(np.max(np.abs(got - expected)))
     assert diff < DECODED_ATOL, f"{sampler}: max |diff| {diff:.2e}"

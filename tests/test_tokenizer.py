@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+
 from sdlite.models.clip_vocab import write_clip_tokenizer
 from sdlite.tokenizer import CLIPTokenizer
 

@@ -9,7 +9,9 @@ import numpy as np
 
 from sdlite.errors import InputError
 
-ENGINES = ("onnx",)
+ENGINES = ("onnx", "openvino")
+# The graph formats each engine reads, preferred first (OpenVINO reads ONNX files directly too).
+ENGINE_FORMATS = {"onnx": ("onnx",), "openvino": ("openvino", "onnx")}
 
 
 class Engine(Protocol):
@@ -24,10 +26,23 @@ class Engine(Protocol):
         """Free the graph's memory; the engine cannot run afterwards."""
 
 
-def load_engine(path: Path, engine: str = "onnx", device: str = "CPU", threads: int | None = None) -> Engine:
-    """Load the graph at ``path`` in ``engine`` on ``device``."""
+def check_engine(engine: str) -> None:
+    """Raise a one-line error for an engine name sdlite does not know."""
+    if engine not in ENGINES:
+        raise InputError(f"--engine {engine}: unknown engine; known engines: {', '.join(ENGINES)}")
+
+
+def load_engine(
+    path: Path, engine: str = "onnx", device: str = "CPU", threads: int | None = None, compute: str = "auto"
+) -> Engine:
+    """Load the graph at ``path`` in ``engine`` on ``device``, computing in ``compute`` precision."""
+    check_engine(engine)
     if engine == "onnx":
         from sdlite.engines.onnxruntime import OnnxRuntimeEngine
 
+        if compute not in ("auto", "f32"):
+            raise InputError(f"--compute {compute}: onnxruntime on CPU computes in f32; use --engine openvino")
         return OnnxRuntimeEngine(path, device=device, threads=threads)
-    raise InputError(f"--engine {engine}: unknown engine; known engines: {', '.join(ENGINES)}")
+    from sdlite.engines.openvino import OpenVinoEngine
+
+    return OpenVinoEngine(path, device=device, threads=threads, compute=compute)

@@ -7,11 +7,14 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from sdlite.errors import InputError
+from sdlite.errors import InputError, summarize
 
 _DTYPES = {
-    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-    "tensor(int64)": np.int64, "tensor(int32)": np.int32,
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
 }
 # sdlite device names -> onnxruntime execution providers that serve them, in order of preference.
 _DEVICE_PROVIDERS = {
@@ -44,17 +47,16 @@ class OnnxRuntimeEngine:
         except InputError:
             raise
         except Exception as exc:  # onnxruntime raises several types for unreadable graphs
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise InputError(f"{path}: corrupt or unreadable ONNX file ({first_line[:200]})") from None
+            raise InputError(f"{path}: corrupt or unreadable ONNX file ({summarize(exc)})") from None
         self._inputs = {i.name: i for i in self._session.get_inputs()}
         self.input_names = list(self._inputs)
 
     def _fit(self, name: str, value: np.ndarray) -> np.ndarray:
         meta = self._inputs[name]
-        value = np.asarray(value, dtype=_DTYPES.get(meta.type, None))
+        value = np.asarray(value, dtype=_DTYPES.get(meta.type))
         # optimum's U-Net takes a scalar timestep, older exports a (batch,) vector: accept either.
         if len(meta.shape) == 0 and value.ndim == 1:
-            value = value[0]
+            value = value[:1].reshape(())
         return value
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

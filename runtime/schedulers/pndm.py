@@ -85,9 +85,9 @@ class PNDMScheduler:
                 f"PNDM with skip_prk_steps=False needs at least {_PNDM_ORDER} steps for its Runge-Kutta "
                 f"warm-up, got {n}"
             )
-        base = np.round(
-            spaced_timesteps(n, self.num_train_timesteps, self.timestep_spacing, self.steps_offset)
-        ).astype(np.int64)
+        base = np.round(spaced_timesteps(n, self.num_train_timesteps, self.timestep_spacing, self.steps_offset)).astype(
+            np.int64
+        )
         base = base[::-1]  # ascending, which makes the constructions below easier to read
         if self.skip_prk_steps:
             # The opening Heun step evaluates the model twice: at t_last and again at the next timestep.
