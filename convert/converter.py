@@ -8,7 +8,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from sdlite.convert.atomic import atomic_output_dir
-from sdlite.convert.loading import load_checkpoint
+from sdlite.convert.loading import load_checkpoint, quiet_diffusers
 from sdlite.convert.onnx_export import export_onnx
 from sdlite.convert.parts import PARTS, trace_size, vae_scale_factor, validation_size
 from sdlite.convert.validate import ValidationError, validate_onnx
@@ -89,6 +89,8 @@ def convert(
     if not out.parent.exists():
         raise InputError(f"{out.parent}: folder does not exist; create it or choose another output path")
 
+    if quiet:
+        quiet_diffusers()
     loaded = load_checkpoint(source, allow_pickle=allow_pickle)
     pipe = loaded.pipe
     factor = vae_scale_factor(pipe)

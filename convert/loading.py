@@ -57,6 +57,16 @@ def _check_supported(pipe, source: str) -> None:
         raise InputError(f"{source}: SDXL checkpoints are not supported yet; sdlite converts SD 1.x and 2.x")
 
 
+def quiet_diffusers() -> None:
+    """Silence diffusers' and transformers' loading bars and advice (for --quiet)."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def load_checkpoint(source: str, allow_pickle: bool = False) -> LoadedCheckpoint:
     """Load ``source`` as a float32 diffusers pipeline.
 
