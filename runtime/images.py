@@ -43,6 +43,10 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             image.save(fh, format="PNG", pnginfo=info)
+        # mkstemp creates the file private (0600); give it the permissions a normal open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
