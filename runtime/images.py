@@ -52,3 +52,58 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+RESIZE_MODES = ("fit", "crop", "pad")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image file as RGB, with a one-line error for a missing or unreadable file."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise InputError(f"{path}: image not found") from None
+    except (OSError, Image.DecompressionBombError) as exc:
+        raise InputError(f"{path}: not a readable image ({exc})") from None
+
+
+def resize_to(image: Image.Image, size: tuple[int, int], mode: str = "fit") -> Image.Image:
+    """Bring ``image`` to ``size`` (W, H): ``fit`` stretches, ``crop`` scales to cover then centre-crops,
+    ``pad`` scales to fit inside then extends the edge pixels."""
+    if mode not in RESIZE_MODES:
+        raise InputError(f"--resize {mode}: unknown; known: {', '.join(RESIZE_MODES)}")
+    if image.size == size:
+        return image
+    width, height = size
+    if mode == "fit":
+        return image.resize(size, Image.LANCZOS)
+    scale = (max if mode == "crop" else min)(width / image.width, height / image.height)
+    scaled = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.LANCZOS)
+    if mode == "crop":
+        left, top = (scaled.width - width) // 2, (scaled.height - height) // 2
+        return scaled.crop((left, top, left + width, top + height))
+    pixels = np.asarray(scaled)
+    pad_x, pad_y = width - scaled.width, height - scaled.height
+    padding = ((pad_y // 2, pad_y - pad_y // 2), (pad_x // 2, pad_x - pad_x // 2), (0, 0))
+    return Image.fromarray(np.pad(pixels, padding, mode="edge"))
+
+
+def working_size(image: Image.Image, mode: str) -> tuple[int, int]:
+    """The multiple-of-8 size an input image is brought to when no size is given: rounded down for
+    ``crop``, up for ``pad``, to the nearest for ``fit``."""
+    rounding = {"crop": lambda v: v // 8 * 8, "pad": lambda v: -(-v // 8) * 8, "fit": lambda v: round(v / 8) * 8}
+    if mode not in rounding:
+        raise InputError(f"--resize {mode}: unknown; known: {', '.join(RESIZE_MODES)}")
+    return max(8, rounding[mode](image.width)), max(8, rounding[mode](image.height))
+
+
+def to_pixels(image: Image.Image) -> np.ndarray:
+    """An RGB image -> (1, 3, H, W) floats in -1..1, as the VAE encoder takes them."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return (array * 2.0 - 1.0).transpose(2, 0, 1)[None]
+
+
+def to_unit(image: Image.Image) -> np.ndarray:
+    """An RGB image -> (H, W, 3) floats in 0..1."""
+    return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0

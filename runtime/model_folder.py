@@ -102,6 +102,12 @@ class ModelFolder:
         return file
 
     @property
+    def unet_in_channels(self) -> int:
+        """Channels the U-Net takes: 4, or 9 for inpainting models (latents + mask + masked image)."""
+        config = self.path / "unet" / "config.json"
+        return int(_read_json(config).get("in_channels", 4)) if config.is_file() else 4
+
+    @property
     def tokenizer_dir(self) -> Path:
         """The tokenizer folder (vocab.json, merges.txt, ...)."""
         return self.path / "tokenizer"

@@ -19,12 +19,17 @@ from sdlite import __version__, schedulers
 from sdlite.engines import ENGINE_FORMATS, Engine, check_engine, load_engine
 from sdlite.errors import InputError
 from sdlite.hashing import short_hash
+from sdlite.images import resize_to, to_pil, to_pixels, to_unit, working_size
 from sdlite.infotext import format_infotext
+from sdlite.masks import check_not_empty, masked_region, outpaint_canvas, paste_back, prepare_mask
 from sdlite.model_folder import ModelFolder
 from sdlite.rng import NoiseGenerator
 from sdlite.tokenizer import CLIPTokenizer
+from sdlite.vae import Vae
 
 LATENT_CHANNELS = 4
+# In low-memory mode the VAE tiles once its estimated working set passes this (auto tiling).
+LOW_MEMORY_VAE_BUDGET = 1 << 30
 MAX_SEED = 2**64 - 1
 
 # diffusers' scheduler classes -> the A1111 sampler name sdlite uses when the user names none.
@@ -51,6 +56,43 @@ class GenerationRequest:
     batch: int
 
 
+@dataclass(frozen=True)
+class Init:
+    """What a mode starts the loop from: noise (txt2img), or an image (N=1, 3, H, W in -1..1) noised to
+    ``strength``, optionally with a binary repaint mask (1, 1, H, W)."""
+
+    latents: np.ndarray | None = None
+    pixels: np.ndarray | None = None
+    strength: float = 1.0
+    mask: np.ndarray | None = None
+
+
+def check_strength(strength: float) -> None:
+    """Strength is the fraction of the schedule that is re-run: (0, 1]."""
+    if not 0.0 < strength <= 1.0:
+        raise InputError(f"strength {strength}: must be above 0 and at most 1")
+
+
+def _as_image(image: Image.Image | str | Path) -> Image.Image:
+    from sdlite.images import load_image
+
+    return image if isinstance(image, Image.Image) else load_image(image)
+
+
+def _size_or(size: tuple[int | None, int | None], default: tuple[int, int] | dict) -> dict[str, int]:
+    """{"width", "height"} from the caller's size where given, else from ``default``."""
+    if isinstance(default, dict):
+        default = (default["width"], default["height"])
+    return {"width": size[0] or default[0], "height": size[1] or default[1]}
+
+
+def _checked_latents(latents: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    latents = np.asarray(latents, dtype=np.float32)
+    if latents.shape != shape:
+        raise InputError(f"latents of shape {latents.shape}: expected {shape}")
+    return latents
+
+
 def check_size(width: int, height: int) -> None:
     """Width and height must be positive multiples of 8 (the VAE's downsampling factor)."""
     if width < 8 or height < 8 or width % 8 or height % 8:
@@ -73,6 +115,7 @@ class Pipeline:
         low_memory: bool = False,
         threads: int | None = None,
         compute: str = "auto",
+        vae_tiling: str = "auto",
     ):
         check_engine(engine)
         self.folder = folder
@@ -89,6 +132,12 @@ class Pipeline:
             name: folder.graph(name, ENGINE_FORMATS[engine], precision)
             for name in ("text_encoder", "unet", "vae_decoder")
         }
+        self.vae = Vae(
+            self._engine,
+            folder.manifest.vae_scaling_factor,
+            tiling=vae_tiling,
+            budget_bytes=LOW_MEMORY_VAE_BUDGET if low_memory else None,
+        )
         if not low_memory:
             for name in self._graphs:
                 self._engine(name)
@@ -103,10 +152,12 @@ class Pipeline:
         low_memory: bool = False,
         threads: int | None = None,
         compute: str = "auto",
+        vae_tiling: str = "auto",
     ) -> Pipeline:
         """Open the converted-model folder at ``path`` and load its parts in ``engine`` on ``device``.
 
-        ``compute`` is the arithmetic precision (f32, bf16, f16, or auto: the device's default)."""
+        ``compute`` is the arithmetic precision (f32, bf16, f16, or auto: the device's default);
+        ``vae_tiling`` (auto, on, off) decodes and encodes big images in tiles to bound memory."""
         return cls(
             ModelFolder.open(path),
             engine=engine,
@@ -115,6 +166,7 @@ class Pipeline:
             low_memory=low_memory,
             threads=threads,
             compute=compute,
+            vae_tiling=vae_tiling,
         )
 
     @property
@@ -138,6 +190,8 @@ class Pipeline:
 
     def _engine(self, name: str) -> Engine:
         if name not in self._engines:
+            if name not in self._graphs:  # the VAE encoder: only img2img and inpainting need it
+                self._graphs[name] = self.folder.graph(name, ENGINE_FORMATS[self.engine_name], self.precision)
             self._engines[name] = load_engine(
                 self._graphs[name], self.engine_name, self.device, self.threads, self.compute
             )
@@ -152,25 +206,17 @@ class Pipeline:
         ids = self.tokenizer(prompts)
         return self._engine("text_encoder").run({"input_ids": ids})["last_hidden_state"].astype(np.float32)
 
-    def decode_latents(self, latents: np.ndarray) -> np.ndarray:
-        """Latents -> images in 0..1, (batch, H, W, 3); one image at a time to bound memory."""
-        scaled = latents / self.folder.manifest.vae_scaling_factor
-        vae = self._engine("vae_decoder")
-        images = [vae.run({"latent_sample": scaled[i : i + 1]})["sample"] for i in range(len(scaled))]
-        image = np.concatenate(images).astype(np.float32)
-        return np.clip(image / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
-
     def _check(
         self,
         prompt: str,
-        negative_prompt: str,
-        steps: int,
-        cfg_scale: float,
-        sampler: str | None,
-        seed: int | None,
-        width: int | None,
-        height: int | None,
-        batch: int,
+        negative_prompt: str = "",
+        steps: int = 20,
+        cfg_scale: float = 7.5,
+        sampler: str | None = None,
+        seed: int | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        batch: int = 1,
     ) -> GenerationRequest:
         width = width or self.default_size[0]
         height = height or self.default_size[1]
@@ -213,54 +259,257 @@ class Pipeline:
         Image ``i`` uses seed ``seed + i`` (as AUTOMATIC1111 does), so any image of a batch can be made again
         alone. ``latents``, when given, replaces the initial noise (shape (batch, 4, height/8, width/8)).
         ``output_type="np"`` returns the decoded float images (batch, H, W, 3) in 0..1 instead of PIL images;
-        PIL images carry their infotext in ``image.info["parameters"]``.
+        PIL images carry their infotext in ``image.info["parameters"]``. ``callback(i, latents)`` runs after
+        every step.
         """
         request = self._check(prompt, negative_prompt, steps, cfg_scale, sampler, seed, width, height, batch)
+        images = self._generate(request, Init(latents=latents), progress, callback)
+        return images if output_type == "np" else self._with_infotext(images, request, {})
+
+    def img2img(
+        self,
+        prompt: str,
+        image: Image.Image | str | Path,
+        strength: float = 0.75,
+        resize: str = "fit",
+        output_type: str = "pil",
+        progress: bool = True,
+        callback: Callable[[int, np.ndarray], None] | None = None,
+        **options,
+    ) -> list[Image.Image] | np.ndarray:
+        """Repaint ``image`` towards ``prompt`` (SDEdit, Meng et al. 2022): noise it to ``strength`` (0..1]
+        of the schedule and denoise from there. Without ``width``/``height`` the image keeps its size,
+        brought to multiples of 8 by ``resize`` (fit: stretch, crop: centre-crop, pad: extend the edges).
+        Other keyword arguments are txt2img's."""
+        image = _as_image(image)
+        check_strength(strength)
+        size = (options.pop("width", None), options.pop("height", None))
+        request = self._check(prompt, **options, **_size_or(size, working_size(image, resize)))
+        init = Init(pixels=to_pixels(resize_to(image, (request.width, request.height), resize)), strength=strength)
+        images = self._generate(request, init, progress, callback)
+        extra = {"Denoising strength": strength}
+        return images if output_type == "np" else self._with_infotext(images, request, extra)
+
+    def inpaint(
+        self,
+        prompt: str,
+        image: Image.Image | str | Path,
+        mask: Image.Image | str | Path,
+        strength: float = 1.0,
+        mask_blur: int = 4,
+        only_masked: bool = False,
+        padding: int = 32,
+        resize: str = "fit",
+        output_type: str = "pil",
+        progress: bool = True,
+        callback: Callable[[int, np.ndarray], None] | None = None,
+        **options,
+    ) -> list[Image.Image] | np.ndarray:
+        """Repaint the white part of ``mask`` in ``image``.
+
+        A model whose U-Net takes 9 channels (an inpainting model) is conditioned on the mask and the masked
+        image; a regular model keeps the unmasked latents by blending them back in at every step (as
+        diffusers and AUTOMATIC1111 do). The result is pasted over the original through the mask blurred by
+        ``mask_blur`` pixels, so pixels outside the blurred mask are exactly the input's. ``only_masked``
+        inpaints just the mask's bounding box grown by ``padding`` pixels, at the working size (``width`` x
+        ``height``, default the model's), which gives small regions full resolution. Other keyword
+        arguments are txt2img's."""
+        image, mask = _as_image(image), _as_image(mask)
+        check_strength(strength)
+        soft = prepare_mask(mask, image.size, mask_blur)
+        check_not_empty(soft)
+        size = (options.pop("width", None), options.pop("height", None))
+        extra: dict[str, object] = {"Denoising strength": strength, "Mask blur": mask_blur}
+        original = to_unit(image)
+        if only_masked:
+            work = _size_or(size, dict(zip(("width", "height"), self.default_size, strict=True)))
+            request = self._check(prompt, **options, **work)
+            region = masked_region(soft, padding, request.width / request.height)
+            crop = image.crop((region.left, region.top, region.right, region.bottom))
+            crop_mask = Image.fromarray((soft * 255).round().astype(np.uint8)).crop(
+                (region.left, region.top, region.right, region.bottom)
+            )
+            generated = self._inpaint_pixels(request, crop, crop_mask, strength, "fit", progress, callback)
+            # Back to the region's size, into a copy of the original, then through the soft mask.
+            pieces = [np.asarray(p.resize(region.size, Image.LANCZOS), np.float32) / 255 for p in to_pil(generated)]
+            full = np.repeat(original[None], len(pieces), axis=0)
+            full[:, region.top : region.bottom, region.left : region.right] = np.stack(pieces)
+            extra |= {"Inpaint area": "Only masked", "Masked area padding": padding}
+            size_text = f"{image.width}x{image.height}"
+        else:
+            request = self._check(prompt, **options, **_size_or(size, working_size(image, resize)))
+            target = (request.width, request.height)
+            mask_image = Image.fromarray((soft * 255).round().astype(np.uint8))
+            full = self._inpaint_pixels(request, image, mask_image, strength, resize, progress, callback)
+            if target != image.size:
+                original = to_unit(resize_to(image, target, resize))
+                soft = np.asarray(resize_to(mask_image.convert("RGB"), target, resize), np.float32)[..., 0] / 255
+            size_text = f"{request.width}x{request.height}"
+        images = np.stack([paste_back(original, generated, soft) for generated in full]).astype(np.float32)
+        if output_type == "np":
+            return images
+        return self._with_infotext(images, request, extra, size_text)
+
+    def outpaint(
+        self,
+        prompt: str,
+        image: Image.Image | str | Path,
+        extend: tuple[int, int, int, int] = (0, 0, 0, 0),
+        mask_blur: int = 8,
+        seam: int = 16,
+        output_type: str = "pil",
+        progress: bool = True,
+        callback: Callable[[int, np.ndarray], None] | None = None,
+        **options,
+    ) -> list[Image.Image] | np.ndarray:
+        """Grow ``image`` by ``extend`` = (left, top, right, bottom) pixels (multiples of 8) and paint the new
+        area, repainting a ``seam``-pixel band of the original along each grown side so the border blends;
+        the rest of the original is kept exactly. Other keyword arguments are txt2img's."""
+        image = _as_image(image)
+        if image.width % 8 or image.height % 8:
+            raise InputError(
+                f"image is {image.width}x{image.height}: outpainting needs multiples of 8; resize it first "
+                "(e.g. with sdlite img2img --resize crop --strength ...) or crop it"
+            )
+        canvas, mask = outpaint_canvas(image, tuple(extend), seam)
+        for key in ("width", "height", "strength"):
+            if options.pop(key, None) is not None:
+                raise InputError(f"outpaint takes no {key}: the canvas size comes from the image and --extend")
+        result = self.inpaint(
+            prompt,
+            canvas,
+            mask,
+            strength=1.0,
+            mask_blur=mask_blur,
+            output_type=output_type,
+            progress=progress,
+            callback=callback,
+            **options,
+        )
+        if output_type != "np":
+            for item in result:
+                item.info["parameters"] += f', Outpaint: "{",".join(map(str, extend))}"'
+        return result
+
+    def _inpaint_pixels(
+        self,
+        request: GenerationRequest,
+        image: Image.Image,
+        mask: Image.Image,
+        strength: float,
+        resize: str,
+        progress: bool,
+        callback: Callable[[int, np.ndarray], None] | None,
+    ) -> np.ndarray:
+        """Inpaint at the request's size; returns decoded images (N, H, W, 3) before pasting back."""
+        target = (request.width, request.height)
+        pixels = to_pixels(resize_to(image, target, resize))
+        soft = np.asarray(resize_to(mask.convert("RGB"), target, resize), np.float32)[..., 0] / 255
+        # diffusers binarizes the mask at 0.5 for the U-Net; the soft mask is only used for pasting back.
+        binary = (soft >= 0.5).astype(np.float32)[None, None]
+        return self._generate(request, Init(pixels=pixels, strength=strength, mask=binary), progress, callback)
+
+    def _generate(
+        self,
+        request: GenerationRequest,
+        init: Init,
+        progress: bool,
+        callback: Callable[[int, np.ndarray], None] | None,
+    ) -> np.ndarray:
+        """The denoising loop shared by every mode; returns decoded images (N, H, W, 3) in 0..1.
+
+        Noise is drawn per image from that image's seed, in the order diffusers' pipelines draw it (VAE
+        posterior sample, then the initial noise, then per-step noise), so runs can be compared with them."""
         scheduler = schedulers.create(request.sampler, self.folder.scheduler_config)
         scheduler.set_timesteps(request.steps)
+        timesteps = np.asarray(scheduler.timesteps)
+        if init.pixels is not None and init.strength < 1.0:
+            # SDEdit: skip the first (1 - strength) of the schedule (diffusers' get_timesteps).
+            start = request.steps - min(int(request.steps * init.strength), request.steps)
+            timesteps = timesteps[start * scheduler.order :]
+            if len(timesteps) == 0:
+                raise InputError(
+                    f"strength {init.strength} with {request.steps} steps leaves no step to run; "
+                    "raise the strength or the steps"
+                )
         shape = (1, LATENT_CHANNELS, request.height // 8, request.width // 8)
-        noise = [NoiseGenerator(request.seed + i) for i in range(request.batch)]
-        initial = np.concatenate([gen.randn(shape) for gen in noise])
-        if latents is not None:
-            latents = np.asarray(latents, dtype=np.float32)
-            if latents.shape != initial.shape:
-                raise InputError(f"latents of shape {latents.shape}: expected {initial.shape}")
-            initial = latents
-        latents = initial * np.float32(scheduler.init_noise_sigma)
+        streams = [NoiseGenerator(request.seed + i) for i in range(request.batch)]
 
-        # diffusers applies guidance only when cfg > 1; below that the unconditional pass is skipped.
-        guided = request.cfg_scale > 1.0
+        def draw() -> np.ndarray:
+            return np.concatenate([stream.randn(shape) for stream in streams])
+
+        guided = request.cfg_scale > 1.0  # diffusers skips the unconditional pass when cfg <= 1
         prompts = [request.negative_prompt, request.prompt] if guided else [request.prompt]
-        embeddings = self.encode_prompt(prompts)
+        context = np.repeat(self.encode_prompt(prompts), request.batch, axis=0)
         self._done_with("text_encoder")
-        context = np.repeat(embeddings, request.batch, axis=0)
+
+        in_channels = self.folder.unet_in_channels
+        conditioned = in_channels == 2 * LATENT_CHANNELS + 1  # an inpainting U-Net: latents, mask, masked image
+        first_t = np.full(request.batch, timesteps[0])
+        image_latents = masked_latents = mask_latents = None
+        if init.pixels is None:
+            noise = draw() if init.latents is None else _checked_latents(init.latents, (request.batch, *shape[1:]))
+            latents = noise * np.float32(scheduler.init_noise_sigma)
+        elif init.mask is None:
+            image_latents = self.vae.encode_latents(init.pixels, draw())
+            noise = draw()
+            latents = scheduler.add_noise(image_latents, noise, first_t)
+        else:
+            full_strength = init.strength == 1.0
+            if not conditioned or not full_strength:
+                image_latents = self.vae.encode_latents(init.pixels, draw())
+            noise = draw()
+            if full_strength:
+                latents = noise * np.float32(scheduler.init_noise_sigma)
+            else:
+                latents = scheduler.add_noise(image_latents, noise, first_t)
+            masked_noise = draw()
+            if conditioned:
+                masked_latents = self.vae.encode_latents(init.pixels * (init.mask < 0.5), masked_noise)
+            # Nearest-neighbour downsampling to the latent grid, as torch's interpolate does by default.
+            mask_latents = np.repeat(init.mask[:, :, ::8, ::8], request.batch, axis=0)
+        if not conditioned and in_channels != LATENT_CHANNELS:
+            raise InputError(f"{self.folder.path}: U-Net takes {in_channels} input channels; expected 4 or 9")
+        if conditioned and mask_latents is None:
+            raise InputError(f"{self.folder.path}: this is an inpainting model; use inpaint or outpaint")
+        if init.pixels is not None:
+            self._done_with("vae_encoder")
 
         unet = self._engine("unet")
-        for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoise", unit="step", disable=not progress)):
-            model_input = np.concatenate([latents, latents]) if guided else latents
-            model_input = scheduler.scale_model_input(model_input, t)
-            timestep = np.full((len(model_input),), t, dtype=np.float32)
-            eps = unet.run({"sample": model_input, "timestep": timestep, "encoder_hidden_states": context})[
-                "out_sample"
-            ]
+        copies = 2 if guided else 1
+        for i, t in enumerate(tqdm(timesteps, desc="denoise", unit="step", disable=not progress)):
+            model_input = scheduler.scale_model_input(np.concatenate([latents] * copies), t)
+            if conditioned:
+                extra = np.concatenate([mask_latents, masked_latents], axis=1)
+                model_input = np.concatenate([model_input, np.concatenate([extra] * copies)], axis=1)
+            eps = unet.run(
+                {
+                    "sample": model_input.astype(np.float32),
+                    "timestep": np.full((len(model_input),), t, dtype=np.float32),
+                    "encoder_hidden_states": context,
+                }
+            )["out_sample"]
             if guided:
                 uncond, cond = np.split(eps, 2)
                 eps = uncond + np.float32(request.cfg_scale) * (cond - uncond)
-            step_noise = np.concatenate([gen.randn(shape) for gen in noise]) if scheduler.stochastic else None
+            step_noise = draw() if scheduler.stochastic else None
             latents = scheduler.step(eps, t, latents, noise=step_noise).astype(np.float32)
+            if mask_latents is not None and not conditioned:
+                # Keep the unmasked area: the original latents, noised to the next step's level.
+                proper = image_latents
+                if i < len(timesteps) - 1:
+                    proper = scheduler.add_noise(image_latents, noise, np.full(request.batch, timesteps[i + 1]))
+                latents = ((1 - mask_latents) * proper + mask_latents * latents).astype(np.float32)
             if callback is not None:
                 callback(i, latents)
         self._done_with("unet")
-
-        images = self.decode_latents(latents)
+        images = self.vae.decode(latents)
         self._done_with("vae_decoder")
-        if output_type == "np":
-            return images
-        return self._with_infotext(images, request)
+        return images
 
-    def _with_infotext(self, images: np.ndarray, request: GenerationRequest) -> list[Image.Image]:
-        from sdlite.images import to_pil
-
+    def _with_infotext(
+        self, images: np.ndarray, request: GenerationRequest, extra: dict[str, object], size: str | None = None
+    ) -> list[Image.Image]:
         manifest = self.folder.manifest
         model_hash = self.folder.model_hash
         result = to_pil(images)
@@ -273,9 +522,10 @@ class Pipeline:
                     "Sampler": request.sampler,
                     "CFG scale": request.cfg_scale,
                     "Seed": request.seed + i,
-                    "Size": f"{request.width}x{request.height}",
+                    "Size": size or f"{request.width}x{request.height}",
                     "Model hash": short_hash(model_hash) if model_hash else None,
                     "Model": manifest.name,
+                    **extra,
                     "Engine": self.engine_name,
                     "Compute": self.compute_precision,
                     "Version": f"sdlite {__version__}",

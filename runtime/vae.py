@@ -1,0 +1,110 @@
+"""The VAE stages: images to latents (encoder) and latents to images (decoder), tiled when large."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import numpy as np
+
+from sdlite.engines import Engine
+from sdlite.errors import InputError
+from sdlite.tiling import run_tiled
+
+TILING_MODES = ("auto", "on", "off")
+LATENT_FACTOR = 8
+# Decoder working set per output pixel, measured on SD 1.5's VAE with onnxruntime (see README, "Tiled VAE"):
+# the last up-block holds several 128-channel fp32 maps at full resolution.
+DECODER_BYTES_PER_PIXEL = 2600
+# log-variance clamp of the diagonal Gaussian posterior (diffusers' DiagonalGaussianDistribution).
+_LOGVAR_RANGE = (-30.0, 20.0)
+
+
+def available_memory() -> int:
+    """Bytes of memory available to this process now (MemAvailable on Linux, else physical memory)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class Vae:
+    """Encoder and decoder of one model, with optional tiling.
+
+    ``tiling="auto"`` tiles when the decoder's estimated working set for the image exceeds
+    ``budget_bytes`` (default: half the memory available when the pipeline starts)."""
+
+    def __init__(
+        self,
+        engine: Callable[[str], Engine],
+        scaling_factor: float,
+        tiling: str = "auto",
+        budget_bytes: int | None = None,
+        tile_latent: int = 64,
+        overlap_latent: int = 16,
+    ):
+        if tiling not in TILING_MODES:
+            raise InputError(f"--vae-tiling {tiling}: unknown; known: {', '.join(TILING_MODES)}")
+        if not 0 <= overlap_latent < tile_latent:
+            raise InputError(f"VAE tile overlap {overlap_latent} must be below the tile size {tile_latent}")
+        self._engine = engine
+        self.scaling_factor = scaling_factor
+        self.tiling = tiling
+        self.budget_bytes = budget_bytes if budget_bytes is not None else available_memory() // 2
+        self.tile_latent = tile_latent
+        self.overlap_latent = overlap_latent
+
+    def uses_tiles(self, latent_height: int, latent_width: int) -> bool:
+        """Whether an image of this latent size is processed in tiles."""
+        if self.tiling == "off" or max(latent_height, latent_width) <= self.tile_latent:
+            return False
+        if self.tiling == "on":
+            return True
+        pixels = latent_height * latent_width * LATENT_FACTOR**2
+        return pixels * DECODER_BYTES_PER_PIXEL > self.budget_bytes
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Latents (N, 4, h, w) -> images (N, 8h, 8w, 3) in 0..1; one image at a time to bound memory."""
+        decoder = self._engine("vae_decoder")
+
+        def run(x: np.ndarray) -> np.ndarray:
+            return decoder.run({"latent_sample": x})["sample"].astype(np.float32)
+
+        tiled = self.uses_tiles(*latents.shape[-2:])
+        images = []
+        for i in range(len(latents)):
+            scaled = (latents[i : i + 1] / self.scaling_factor).astype(np.float32)
+            if tiled:
+                images.append(run_tiled(scaled, run, self.tile_latent, self.overlap_latent, LATENT_FACTOR))
+            else:
+                images.append(run(scaled))
+        image = np.concatenate(images)
+        return np.clip(image / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+
+    def encode(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Images (N, 3, H, W) in -1..1 -> the posterior's (mean, std), each (N, 4, H/8, W/8), unscaled."""
+        encoder = self._engine("vae_encoder")
+
+        def run(x: np.ndarray) -> np.ndarray:
+            return encoder.run({"sample": x})["latent_parameters"].astype(np.float32)
+
+        tiled = self.uses_tiles(pixels.shape[-2] // LATENT_FACTOR, pixels.shape[-1] // LATENT_FACTOR)
+        params = []
+        for i in range(len(pixels)):
+            image = pixels[i : i + 1].astype(np.float32)
+            if tiled:
+                tile, overlap = self.tile_latent * LATENT_FACTOR, self.overlap_latent * LATENT_FACTOR
+                params.append(run_tiled(image, run, tile, overlap, 1 / LATENT_FACTOR))
+            else:
+                params.append(run(image))
+        mean, logvar = np.split(np.concatenate(params), 2, axis=1)
+        return mean, np.exp(0.5 * np.clip(logvar, *_LOGVAR_RANGE)).astype(np.float32)
+
+    def encode_latents(self, pixels: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        """A sample of the posterior (mean + std * noise), scaled to the U-Net's latent space."""
+        mean, std = self.encode(pixels)
+        return ((mean + std * noise) * self.scaling_factor).astype(np.float32)
