@@ -44,7 +44,7 @@ def _model_index(pipe) -> dict:
         "scheduler": index.get("scheduler", ["diffusers", "PNDMScheduler"]),
     }
     return {
-        "_class_name": "StableDiffusionPipeline",
+        "_class_name": type(pipe).__name__,
         "_diffusers_version": pipe.config.get("_diffusers_version"),
         "requires_safety_checker": False,
         "safety_checker": [None, None],

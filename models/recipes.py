@@ -8,6 +8,7 @@ and memory figures.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,23 +48,28 @@ class Widths:
     text_layers: int
     text_heads: int
     sample_size: int
+    # 9 for inpainting U-Nets: noisy latents (4) + mask (1) + masked-image latents (4).
+    unet_in_channels: int = 4
 
+
+_TINY = Widths(
+    unet_channels=(32, 32, 64, 64),
+    unet_layers=1,
+    unet_head_dim=8,
+    unet_groups=8,
+    vae_channels=(16, 16, 32, 32),
+    vae_layers=1,
+    vae_groups=8,
+    text_hidden=32,
+    text_ffn=64,
+    text_layers=2,
+    text_heads=4,
+    sample_size=8,
+)
 
 RECIPES: dict[str, Widths] = {
-    "tiny": Widths(
-        unet_channels=(32, 32, 64, 64),
-        unet_layers=1,
-        unet_head_dim=8,
-        unet_groups=8,
-        vae_channels=(16, 16, 32, 32),
-        vae_layers=1,
-        vae_groups=8,
-        text_hidden=32,
-        text_ffn=64,
-        text_layers=2,
-        text_heads=4,
-        sample_size=8,
-    ),
+    "tiny": _TINY,
+    "tiny-inpaint": dataclasses.replace(_TINY, unet_in_channels=9),
     "sd15-random": Widths(
         unet_channels=(320, 640, 1280, 1280),
         unet_layers=2,
@@ -84,12 +90,19 @@ RECIPES: dict[str, Widths] = {
 def build_pipeline(widths: Widths, seed: int = 0):
     """Create a ``diffusers.StableDiffusionPipeline`` of the SD 1.5 architecture at the given widths."""
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionInpaintPipeline,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=widths.sample_size,
+        in_channels=widths.unet_in_channels,
         block_out_channels=widths.unet_channels,
         layers_per_block=widths.unet_layers,
         attention_head_dim=widths.unet_head_dim,
@@ -124,7 +137,8 @@ def build_pipeline(widths: Widths, seed: int = 0):
         write_clip_tokenizer(tok_dir)
         tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     scheduler = PNDMScheduler.from_config(SD15_SCHEDULER)
-    return StableDiffusionPipeline(
+    pipeline_class = StableDiffusionInpaintPipeline if widths.unet_in_channels == 9 else StableDiffusionPipeline
+    return pipeline_class(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,

@@ -49,28 +49,61 @@ def _output_paths(out: str | None, seed: int, batch: int) -> list[Path]:
     return [base.with_name(f"{base.stem}-{i}{base.suffix}") for i in range(batch)]
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    """Generate images from a prompt and save them as PNGs with their infotext."""
-    import numpy as np
-
-    from sdlite.images import save_png
+def _load_pipeline(args: argparse.Namespace):
     from sdlite.pipeline import Pipeline
 
-    seed = args.seed if args.seed >= 0 else int(np.random.default_rng().integers(0, 2**32))
-    outputs = _output_paths(args.output, seed, args.batch)  # fail before loading anything
-    width, height = args.size or (None, None)
-    if args.steps < 1:
-        raise InputError(f"--steps {args.steps}: must be at least 1")
-    pipe = Pipeline.load(
+    return Pipeline.load(
         args.model or _default_model(),
         engine=args.engine,
         device=args.device,
         precision=args.precision,
         low_memory=args.low_memory,
         compute=args.compute,
+        vae_tiling=args.vae_tiling,
     )
-    images = pipe.txt2img(
-        args.prompt,
+
+
+def _mode_call(args: argparse.Namespace, pipe, common: dict):
+    """Call the pipeline method of the subcommand with its own arguments."""
+    from sdlite.images import load_image
+
+    if args.command == "generate":
+        return pipe.txt2img(args.prompt, **common)
+    image = load_image(args.image)
+    if args.command == "img2img":
+        return pipe.img2img(args.prompt, image, strength=args.strength, resize=args.resize, **common)
+    if args.command == "inpaint":
+        return pipe.inpaint(
+            args.prompt,
+            image,
+            load_image(args.mask),
+            strength=args.strength,
+            mask_blur=args.mask_blur,
+            only_masked=args.only_masked,
+            padding=args.padding,
+            resize=args.resize,
+            **common,
+        )
+    common.pop("width"), common.pop("height")
+    return pipe.outpaint(args.prompt, image, extend=args.extend, mask_blur=args.mask_blur, **common)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Run one generation mode (generate, img2img, inpaint, outpaint) and save PNGs with their infotext."""
+    import numpy as np
+
+    from sdlite.images import save_png
+
+    seed = args.seed if args.seed >= 0 else int(np.random.default_rng().integers(0, 2**32))
+    outputs = _output_paths(args.output, seed, args.batch)  # fail before loading anything
+    if args.steps < 1:
+        raise InputError(f"--steps {args.steps}: must be at least 1")
+    for name in ("image", "mask"):
+        if getattr(args, name, None) and not Path(getattr(args, name)).is_file():
+            raise InputError(f"--{name} {getattr(args, name)}: file not found")
+    width, height = args.size or (None, None)
+    pipe = _load_pipeline(args)
+    common = dict(
         negative_prompt=args.negative,
         steps=args.steps,
         cfg_scale=args.cfg,
@@ -81,6 +114,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         batch=args.batch,
         progress=not args.quiet,
     )
+    images = _mode_call(args, pipe, common)
     for image, path in zip(images, outputs, strict=True):
         save_png(image, path)
         if not args.quiet:
@@ -138,6 +172,38 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_extend(text: str) -> tuple[int, int, int, int]:
+    """``L,T,R,B`` -> four ints (checked further by the outpainting itself)."""
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise InputError(f"--extend {text}: expected LEFT,TOP,RIGHT,BOTTOM pixels, e.g. 0,0,256,0") from None
+    if len(values) != 4:
+        raise InputError(f"--extend {text}: expected four numbers LEFT,TOP,RIGHT,BOTTOM")
+    return values
+
+
+def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt")
+    parser.add_argument("-m", "--model", help="converted-model folder (default: the packaged model)")
+    parser.add_argument("-n", "--negative", default="", help="negative prompt")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
+    parser.add_argument("--sampler", help="A1111 sampler name (default: the model's own scheduler)")
+    parser.add_argument("--seed", type=int, default=-1, help="-1 picks a random seed")
+    parser.add_argument("--size", type=parse_size, help="WIDTHxHEIGHT, multiples of 8 (default: the model's)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--engine", default="onnx", help="onnx (onnxruntime) or openvino")
+    parser.add_argument("--device", default="CPU", help="CPU, GPU, NPU or AUTO (what the engine sees here)")
+    parser.add_argument("--compute", default="auto", help="arithmetic precision: f32, bf16, f16 or auto")
+    parser.add_argument("--precision", help="weight precision variant to run (default: the first held)")
+    parser.add_argument("--low-memory", action="store_true", help="load one part at a time")
+    parser.add_argument("--vae-tiling", default="auto", help="auto | on | off: decode big images in tiles")
+    parser.add_argument("-o", "--output", help="output PNG (default: sdlite-SEED.png)")
+    parser.add_argument("--quiet", action="store_true")
+    parser.set_defaults(func=cmd_generate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     from sdlite import __version__
@@ -147,23 +213,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     gen = sub.add_parser("generate", help="text to image")
-    gen.add_argument("prompt")
-    gen.add_argument("-m", "--model", help="converted-model folder (default: the packaged model)")
-    gen.add_argument("-n", "--negative", default="", help="negative prompt")
-    gen.add_argument("--steps", type=int, default=20)
-    gen.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
-    gen.add_argument("--sampler", help="A1111 sampler name (default: the model's own scheduler)")
-    gen.add_argument("--seed", type=int, default=-1, help="-1 picks a random seed")
-    gen.add_argument("--size", type=parse_size, help="WIDTHxHEIGHT, multiples of 8 (default: the model's)")
-    gen.add_argument("--batch", type=int, default=1)
-    gen.add_argument("--engine", default="onnx", help="onnx (onnxruntime) or openvino")
-    gen.add_argument("--device", default="CPU", help="CPU, GPU, NPU or AUTO (what the engine sees here)")
-    gen.add_argument("--compute", default="auto", help="arithmetic precision: f32, bf16, f16 or auto (device default)")
-    gen.add_argument("--precision", help="weight precision variant to run (default: the first the folder holds)")
-    gen.add_argument("--low-memory", action="store_true", help="load one part at a time")
-    gen.add_argument("-o", "--output", help="output PNG (default: sdlite-SEED.png)")
-    gen.add_argument("--quiet", action="store_true")
-    gen.set_defaults(func=cmd_generate)
+    _add_generation_arguments(gen)
+
+    i2i = sub.add_parser("img2img", help="repaint an image towards a prompt")
+    _add_generation_arguments(i2i)
+    i2i.add_argument("--image", required=True, help="input image")
+    i2i.add_argument("--strength", type=float, default=0.75, help="how much to change, (0, 1]")
+    i2i.add_argument("--resize", default="fit", help="fit | crop | pad: how to reach multiples of 8")
+
+    inp = sub.add_parser("inpaint", help="repaint the white part of a mask")
+    _add_generation_arguments(inp)
+    inp.add_argument("--image", required=True, help="input image")
+    inp.add_argument("--mask", required=True, help="mask image, white = repaint, same size as the image")
+    inp.add_argument("--strength", type=float, default=1.0)
+    inp.add_argument("--mask-blur", type=int, default=4, help="feather the mask by this many pixels")
+    inp.add_argument("--only-masked", action="store_true", help="inpaint the mask's box at full resolution")
+    inp.add_argument("--padding", type=int, default=32, help="pixels around the mask's box with --only-masked")
+    inp.add_argument("--resize", default="fit", help="fit | crop | pad: how to reach multiples of 8")
+
+    out = sub.add_parser("outpaint", help="grow the canvas and paint the new area")
+    _add_generation_arguments(out)
+    out.add_argument("--image", required=True, help="input image (sides multiples of 8)")
+    out.add_argument("--extend", type=parse_extend, required=True, help="LEFT,TOP,RIGHT,BOTTOM pixels")
+    out.add_argument("--mask-blur", type=int, default=8)
 
     conv = sub.add_parser("convert", help="export a checkpoint to a converted-model folder (needs sdlite[convert])")
     conv.add_argument("source", help="diffusers folder, .safetensors file or hub id")

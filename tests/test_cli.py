@@ -164,3 +164,26 @@ def test_console_script_exit_code(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+
+
+def test_image_modes_from_the_command_line(tiny_onnx, tmp_path):
+    source, mask = tmp_path / "in.png", tmp_path / "mask.png"
+    assert main(_generate(tiny_onnx, source)) == 0
+    Image.fromarray(np.pad(np.full((32, 32), 255, np.uint8), 16)).save(mask)
+    common = ["-m", str(tiny_onnx), "--steps", "3", "--seed", "1", "--quiet", "--image", str(source)]
+    assert main(["img2img", "a blue square", *common, "--strength", "0.5", "-o", str(tmp_path / "a.png")]) == 0
+    assert main(["inpaint", "a blue square", *common, "--mask", str(mask), "-o", str(tmp_path / "b.png")]) == 0
+    assert main(["outpaint", "a blue square", *common, "--extend", "0,0,32,0", "-o", str(tmp_path / "c.png")]) == 0
+    assert Image.open(tmp_path / "a.png").info["parameters"].count("Denoising strength: 0.5") == 1
+    assert Image.open(tmp_path / "c.png").size == (96, 64)
+
+
+def test_image_mode_errors(tiny_onnx, tmp_path, capsys):
+    source = tmp_path / "in.png"
+    Image.new("RGB", (64, 64)).save(source)
+    out = tmp_path / "o.png"
+    base = ["-m", str(tiny_onnx), "--image", str(source), "-o", str(out)]
+    _expect_error(capsys, ["img2img", "x", *base, "--strength", "1.5"], "strength", out=out)
+    _expect_error(capsys, ["inpaint", "x", *base, "--mask", str(tmp_path / "none.png")], "not found", out=out)
+    _expect_error(capsys, ["outpaint", "x", *base, "--extend", "0,0,20,0"], "multiple of 8", out=out)
+    _expect_error(capsys, ["outpaint", "x", *base, "--extend", "1,2"], "four numbers", out=out)

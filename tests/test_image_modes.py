@@ -1,0 +1,243 @@
+"""img2img, inpainting (inpainting U-Net and regular U-Net) and outpainting against diffusers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+
+from sdlite import Pipeline
+from sdlite.rng import NoiseGenerator
+
+# fp32 ONNX vs fp32 PyTorch on the same noise: kernel-order differences only.
+DECODED_ATOL = 2e-3
+PROMPT = "a red circle on a blue background"
+NEGATIVE = "blurry"
+SEED = 77
+SIZE = 64
+
+
+def _image() -> Image.Image:
+    rng = np.random.default_rng(3)
+    base = np.zeros((SIZE, SIZE, 3), np.uint8)
+    base[..., 2] = 200
+    base[16:48, 16:48] = (220, 30, 30)
+    return Image.fromarray(np.clip(base + rng.integers(0, 20, base.shape), 0, 255).astype(np.uint8))
+
+
+def _mask() -> Image.Image:
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[8:40, 24:56] = 255
+    return Image.fromarray(mask)
+
+
+@pytest.fixture
+def shared_noise(monkeypatch):
+    """Make diffusers draw every random tensor from sdlite's noise stream for SEED, in call order."""
+    import diffusers.models.autoencoders.vae as vae_module
+    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as img2img_module
+    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint as inpaint_module
+    import diffusers.schedulers.scheduling_euler_ancestral_discrete as euler_module
+
+    stream = NoiseGenerator(SEED)
+
+    def randn_tensor(shape, *args, **kwargs):
+        return torch.from_numpy(stream.randn(tuple(shape)))
+
+    for module in (vae_module, img2img_module, inpaint_module, euler_module):
+        monkeypatch.setattr(module, "randn_tensor", randn_tensor)
+
+
+@pytest.fixture(scope="module")
+def tiny_inpaint_onnx(tmp_path_factory):
+    from sdlite.convert.converter import convert
+    from sdlite.models.recipes import build
+
+    root = tmp_path_factory.mktemp("inpaint")
+    build("tiny-inpaint", root / "src")
+    convert(str(root / "src"), root / "onnx", quiet=True)
+    return root
+
+
+def _reference(pipeline_class, folder, sampler_class=None):
+    pipe = pipeline_class.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    if sampler_class is not None:
+        pipe.scheduler = sampler_class.from_config(pipe.scheduler.config)
+    return pipe
+
+
+@pytest.mark.parametrize("sampler", ["DDIM", "Euler a"])
+@pytest.mark.parametrize("strength", [0.6, 1.0])
+def test_img2img_matches_diffusers(tiny_diffusers, tiny_onnx, shared_noise, sampler, strength):
+    from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, StableDiffusionImg2ImgPipeline
+
+    sampler_class = {"DDIM": DDIMScheduler, "Euler a": EulerAncestralDiscreteScheduler}[sampler]
+    reference = _reference(StableDiffusionImg2ImgPipeline, tiny_diffusers, sampler_class)
+    expected = reference(
+        PROMPT,
+        image=_image(),
+        strength=strength,
+        negative_prompt=NEGATIVE,
+        num_inference_steps=5,
+        guidance_scale=7.5,
+        output_type="np",
+    ).images
+    got = Pipeline.load(tiny_onnx).img2img(
+        PROMPT,
+        _image(),
+        strength=strength,
+        negative_prompt=NEGATIVE,
+        steps=5,
+        cfg_scale=7.5,
+        sampler=sampler,
+        seed=SEED,
+        output_type="np",
+        progress=False,
+    )
+    assert got.shape == expected.shape
+    diff = float(np.max(np.abs(got - expected)))
+    assert diff < DECODED_ATOL, f"max |diff| {diff:.2e}"
+
+
+def _inpaint_case(diffusers_folder, onnx_folder, strength):
+    from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline
+
+    reference = _reference(StableDiffusionInpaintPipeline, diffusers_folder, DDIMScheduler)
+    raw = reference(
+        PROMPT,
+        image=_image(),
+        mask_image=_mask(),
+        strength=strength,
+        negative_prompt=NEGATIVE,
+        num_inference_steps=5,
+        guidance_scale=7.5,
+        output_type="np",
+        height=SIZE,
+        width=SIZE,
+    ).images
+    # sdlite pastes the result back over the original through the mask (here unblurred, so binary).
+    mask = (np.asarray(_mask(), np.float32) / 255)[None, ..., None]
+    original = np.asarray(_image(), np.float32)[None] / 255
+    expected = original * (1 - mask) + raw * mask
+    got = Pipeline.load(onnx_folder).inpaint(
+        PROMPT,
+        _image(),
+        _mask(),
+        strength=strength,
+        mask_blur=0,
+        negative_prompt=NEGATIVE,
+        steps=5,
+        cfg_scale=7.5,
+        sampler="DDIM",
+        seed=SEED,
+        output_type="np",
+        progress=False,
+    )
+    return got, expected
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.7])
+def test_inpaint_regular_unet_matches_diffusers(tiny_diffusers, tiny_onnx, shared_noise, strength):
+    got, expected = _inpaint_case(tiny_diffusers, tiny_onnx, strength)
+    diff = float(np.max(np.abs(got - expected)))
+    assert diff < DECODED_ATOL, f"max |diff| {diff:.2e}"
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.7])
+def test_inpaint_unet_matches_diffusers(tiny_inpaint_onnx, shared_noise, strength):
+    got, expected = _inpaint_case(tiny_inpaint_onnx / "src", tiny_inpaint_onnx / "onnx", strength)
+    diff = float(np.max(np.abs(got - expected)))
+    assert diff < DECODED_ATOL, f"max |diff| {diff:.2e}"
+
+
+@pytest.fixture(scope="module")
+def ours(tiny_onnx):
+    return Pipeline.load(tiny_onnx)
+
+
+def test_pixels_outside_blurred_mask_are_the_input(ours):
+    image = ours.inpaint(PROMPT, _image(), _mask(), mask_blur=4, steps=3, seed=1, progress=False)[0]
+    blurred = np.asarray(_mask().filter(ImageFilter.GaussianBlur(4)))
+    outside = blurred == 0
+    assert outside.sum() > 1000
+    assert np.array_equal(np.asarray(image)[outside], np.asarray(_image())[outside])
+    assert not np.array_equal(np.asarray(image)[~outside], np.asarray(_image())[~outside])
+
+
+def test_only_masked_keeps_the_rest(ours):
+    image = ours.inpaint(
+        PROMPT,
+        _image(),
+        _mask(),
+        mask_blur=0,
+        only_masked=True,
+        padding=4,
+        steps=3,
+        seed=1,
+        width=64,
+        height=64,
+        progress=False,
+    )[0]
+    assert image.size == (SIZE, SIZE)
+    outside = np.asarray(_mask()) == 0
+    assert np.array_equal(np.asarray(image)[outside], np.asarray(_image())[outside])
+    assert "Inpaint area: Only masked" in image.info["parameters"]
+
+
+def test_outpaint_grows_canvas_and_keeps_original(ours):
+    extend = (16, 0, 32, 8)
+    image = ours.outpaint(PROMPT, _image(), extend=extend, mask_blur=4, seam=8, steps=3, seed=1, progress=False)[0]
+    assert image.size == (SIZE + 48, SIZE + 8)
+    # Far enough from the seam (seam 8 + blur 4 -> 3 sigma is 12 px), the original is untouched.
+    kept = np.asarray(image)[0 + 0 : SIZE - 8 - 12, 16 + 20 : 16 + SIZE - 8 - 12]
+    assert np.array_equal(kept, np.asarray(_image())[: SIZE - 20, 20 : SIZE - 20])
+    assert 'Outpaint: "16,0,32,8"' in image.info["parameters"]
+
+
+@pytest.mark.parametrize(
+    ("call", "fragment"),
+    [
+        (lambda p: p.img2img(PROMPT, _image(), strength=1.5), "strength"),
+        (lambda p: p.img2img(PROMPT, _image(), strength=0.0), "strength"),
+        (lambda p: p.inpaint(PROMPT, _image(), Image.new("L", (32, 32))), "same size"),
+        (lambda p: p.inpaint(PROMPT, _image(), Image.new("L", (SIZE, SIZE))), "empty"),
+        (lambda p: p.outpaint(PROMPT, _image(), extend=(4, 0, 0, 0)), "multiple of 8"),
+        (lambda p: p.outpaint(PROMPT, _image(), extend=(0, 0, 0, 0)), "nothing to outpaint"),
+        (lambda p: p.img2img(PROMPT, "/nonexistent.png"), "not found"),
+    ],
+)
+def test_bad_input_is_a_clear_error(ours, call, fragment):
+    from sdlite.errors import InputError
+
+    with pytest.raises(InputError, match=fragment):
+        call(ours)
+
+
+def test_all_white_mask_repaints_everything(ours):
+    """Documented behaviour: an all-white mask is a full repaint (like img2img at the given strength)."""
+    image = ours.inpaint(PROMPT, _image(), Image.new("L", (SIZE, SIZE), 255), steps=2, seed=1, progress=False)[0]
+    assert image.size == (SIZE, SIZE)
+
+
+@pytest.mark.parametrize("mode", ["fit", "crop", "pad"])
+def test_img2img_any_input_size(ours, mode):
+    odd = _image().resize((70, 51))
+    image = ours.img2img(PROMPT, odd, strength=0.5, resize=mode, steps=2, seed=1, progress=False)[0]
+    assert image.width % 8 == 0 and image.height % 8 == 0
+
+
+def test_tiled_decode_close_to_untiled(tiny_onnx):
+    """Tiles of 8 latent cells with 4 of overlap on a 256x256 image (32x32 latents)."""
+    from sdlite.vae import Vae
+
+    pipe = Pipeline.load(tiny_onnx)
+    latents = NoiseGenerator(5).randn((1, 4, 32, 32))
+    whole = Vae(pipe._engine, 0.18215, tiling="off").decode(latents)
+    tiled = Vae(pipe._engine, 0.18215, tiling="on", tile_latent=16, overlap_latent=4).decode(latents)
+    assert tiled.shape == whole.shape == (1, 256, 256, 3)
+    mse = float(np.mean((tiled - whole) ** 2))
+    psnr = 10 * np.log10(1.0 / mse)
+    # The decoder's mid-block attention sees one tile at a time, so tiles differ slightly.
+    assert psnr > 30, psnr
