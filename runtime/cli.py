@@ -253,12 +253,26 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="what a converted-model folder holds")
     info.add_argument("model")
     info.set_defaults(func=cmd_info)
+
+    sub.add_parser("bench", help="latency, memory and fidelity per configuration (sdlite bench --help)", add_help=False)
     return parser
+
+
+def cmd_bench(argv: list[str]) -> int:
+    """``sdlite bench ...``: handed to the benchmark harness, which parses its own arguments."""
+    try:
+        from sdlite.benchmarks.cli import main as bench_main
+    except ImportError as exc:
+        raise InputError(f"sdlite bench could not start ({exc}); install sdlite with its bench extra") from None
+    return bench_main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``sdlite`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        if argv[:1] == ["bench"]:
+            return cmd_bench(argv[1:])
         args = build_parser().parse_args(argv)
         return args.func(args)
     except SdliteError as exc:
