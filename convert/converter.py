@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from sdlite.convert.atomic import atomic_output_dir
+from sdlite.convert.attention import ATTENTION_VARIANTS, fuse_onnx_attention, set_attention
+from sdlite.convert.calibration import calibration_inputs
 from sdlite.convert.loading import load_checkpoint, quiet_diffusers
-from sdlite.convert.onnx_export import export_onnx
+from sdlite.convert.onnx_export import export_onnx, files_of, save_onnx
 from sdlite.convert.parts import PARTS, trace_size, vae_scale_factor, validation_size
-from sdlite.convert.validate import ValidationError, validate_onnx
+from sdlite.convert.validate import ValidationError, reference_outputs, validate_graph
+from sdlite.convert.variants import FORMATS, PRECISIONS, derive
 from sdlite.errors import InputError
 from sdlite.hashing import sha256_file
 from sdlite.manifest import COMPONENTS, Manifest, Variant
-
-SUPPORTED_FORMATS = ("onnx",)
-SUPPORTED_PRECISIONS = ("fp32",)
-SUPPORTED_ATTENTION = ("plain",)
 
 
 def _family(pipe) -> str:
@@ -63,6 +63,39 @@ def _save_configs(pipe, folder: Path) -> None:
     (folder / "model_index.json").write_text(json.dumps(_model_index(pipe), indent=2) + "\n")
 
 
+def _variant_dir(root: Path, part: str, precision: str, precisions: list[str]) -> Path:
+    """The first requested precision sits in the part's folder (where optimum looks), others in a subfolder."""
+    return root / part if precision == precisions[0] else root / part / precision
+
+
+def _openvino_from_torch(spec, module, dummy: dict):
+    """A function returning the part converted to OpenVINO straight from PyTorch (keeps fused SDPA ops)."""
+
+    def build():
+        import openvino as ov
+
+        shapes = [
+            ov.PartialShape([-1 if axis in spec.inputs[name] else dim for axis, dim in enumerate(dummy[name].shape)])
+            for name in spec.inputs
+        ]
+        with torch_no_grad():
+            model = ov.convert_model(module, example_input=tuple(dummy[n] for n in spec.inputs), input=shapes)
+        for port, name in zip(model.inputs, spec.inputs, strict=True):
+            port.get_tensor().set_names({name})
+        for port, name in zip(model.outputs, spec.outputs, strict=True):
+            port.get_tensor().set_names({name})
+        return model
+
+    return build
+
+
+def torch_no_grad():
+    """``torch.no_grad()``, imported late so that this module loads without torch for --help."""
+    import torch
+
+    return torch.no_grad()
+
+
 def convert(
     source: str,
     out: str | Path,
@@ -74,15 +107,18 @@ def convert(
     quiet: bool = False,
     overwrite: bool = False,
 ) -> Manifest:
-    """Export every part of ``source`` to ``out`` and validate each against PyTorch.
+    """Export every part of ``source`` to ``out`` in each format and precision, validating each against
+    PyTorch.
 
     The folder appears at ``out`` only once complete: it is built in a temporary sibling and renamed.
-    Raises ``ValidationError`` (after checking every part) when an export is out of tolerance.
+    Raises ``ValidationError`` (after checking every variant) when an export is out of tolerance.
     """
     formats, precisions = formats or ["onnx"], precisions or ["fp32"]
-    _check_choice("format", formats, SUPPORTED_FORMATS)
-    _check_choice("precision", precisions, SUPPORTED_PRECISIONS)
-    _check_choice("attention", [attention], SUPPORTED_ATTENTION)
+    _check_choice("format", formats, FORMATS)
+    _check_choice("precision", precisions, PRECISIONS)
+    _check_choice("attention", [attention], ATTENTION_VARIANTS)
+    if "w8a8" in precisions and "openvino" not in formats:
+        raise InputError("--precision w8a8 quantizes activations with OpenVINO; add --format openvino")
     out = Path(out)
     if out.exists() and not overwrite:
         raise InputError(f"{out}: output folder already exists; choose a new path or remove it")
@@ -102,32 +138,69 @@ def convert(
         default_size=(pipe.unet.config.sample_size * factor,) * 2,
         source_sha256=loaded.sha256,
     )
+    calibration = calibration_inputs(pipe, quiet) if "w8a8" in precisions else None
+    set_attention(pipe, attention)
     trace, check = trace_size(pipe), validation_size(pipe)
+    jobs = [
+        (fmt, precision) for precision in precisions for fmt in formats if not (fmt == "onnx" and precision == "w8a8")
+    ]
     failures = []
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        progress = tqdm(COMPONENTS, desc="convert", unit="part", disable=quiet)
-        for name in progress:
+        progress = tqdm(total=len(COMPONENTS) * (1 + len(jobs)), desc="convert", unit="step", disable=quiet)
+        for name in COMPONENTS:
             spec = PARTS[name]
-            progress.set_postfix_str(name)
             module = spec.wrap(pipe)
-            files = export_onnx(spec, module, spec.dummy_inputs(pipe, trace), tmp / name)
-            validation = None
-            if validate:
-                result = validate_onnx(spec, module, spec.dummy_inputs(pipe, check), files[0])
-                if not quiet:
-                    tqdm.write(result.describe())
-                validation = result.to_json()
-                if not result.passed:
-                    failures.append(result.describe())
-            manifest.components[name] = [
-                Variant(
-                    format="onnx",
-                    precision="fp32",
-                    attention="plain",
-                    files={str(f.relative_to(tmp)): sha256_file(f) for f in files},
-                    validation=validation,
+            progress.set_postfix_str(f"{name} onnx export")
+            exports_onnx_fp32 = "onnx" in formats and "fp32" in precisions
+            base_dir = _variant_dir(tmp, name, "fp32", precisions) if exports_onnx_fp32 else tmp / ".base" / name
+            dummy = spec.dummy_inputs(pipe, trace)
+            base = export_onnx(spec, module, dummy, base_dir)[0]
+            if attention == "fused" and "onnx" in formats:
+                fused = fuse_onnx_attention(base, base_dir, 0, 0)
+                save_onnx(fused, base)
+            progress.update()
+            check_inputs = spec.dummy_inputs(pipe, check)
+            reference = reference_outputs(spec, module, check_inputs) if validate else None
+            variants = []
+            for fmt, precision in jobs:
+                progress.set_postfix_str(f"{name} {fmt} {precision}")
+                # Only the U-Net gets int8 activations; the other parts take int8 weights.
+                part_precision = "int8" if precision == "w8a8" and name != "unet" else precision
+                target_dir = _variant_dir(tmp, name, precision, precisions)
+                if fmt == "onnx" and precision == "fp32":
+                    files = files_of(base)
+                else:
+                    source_graph = (
+                        _openvino_from_torch(spec, module, dummy)
+                        if fmt == "openvino" and attention == "fused"
+                        else base
+                    )
+                    files = derive(
+                        fmt, part_precision, source_graph, target_dir, calibration if name == "unet" else None
+                    )
+                validation = None
+                if validate:
+                    result = validate_graph(
+                        spec, files[0], check_inputs, reference, part_precision, f"{fmt} {precision}"
+                    )
+                    if not quiet:
+                        tqdm.write(result.describe())
+                    validation = result.to_json()
+                    if not result.passed:
+                        failures.append(result.describe())
+                variants.append(
+                    Variant(
+                        format=fmt,
+                        precision=precision,
+                        attention=attention,
+                        files={str(f.relative_to(tmp)): sha256_file(f) for f in files},
+                        validation=validation,
+                    )
                 )
-            ]
+                progress.update()
+            manifest.components[name] = variants
+        progress.close()
+        shutil.rmtree(tmp / ".base", ignore_errors=True)
         if failures:
             raise ValidationError("export out of tolerance: " + "; ".join(failures))
         _save_configs(pipe, tmp)

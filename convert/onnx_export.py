@@ -41,18 +41,29 @@ def export_onnx(spec: PartSpec, module: torch.nn.Module, dummy: dict[str, torch.
             )
         # Re-save so that a big model has exactly one external-data file (the exporter writes one per
         # tensor), named as optimum names it.
-        model = onnx.load(str(traced), load_external_data=True)
-        target = out_dir / "model.onnx"
-        size = sum(t.ByteSize() for t in model.graph.initializer)
-        if size > _PROTOBUF_LIMIT:
-            onnx.save_model(
-                model,
-                str(target),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=EXTERNAL_DATA_NAME,
-                size_threshold=1024,
-            )
-            return [target, out_dir / EXTERNAL_DATA_NAME]
+        return save_onnx(onnx.load(str(traced), load_external_data=True), out_dir / "model.onnx")
+
+
+def files_of(graph: Path) -> list[Path]:
+    """The graph file and the weight file(s) that belong to it."""
+    if graph.suffix == ".xml":
+        return [graph, graph.with_suffix(".bin")]
+    data = graph.parent / EXTERNAL_DATA_NAME
+    return [graph, data] if data.is_file() else [graph]
+
+
+def save_onnx(model, target: Path) -> list[Path]:
+    """Save an ONNX model, with one external-data file when it is over protobuf's 2 GB limit."""
+    size = sum(t.ByteSize() for t in model.graph.initializer)
+    if size > _PROTOBUF_LIMIT:
+        onnx.save_model(
+            model,
+            str(target),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=EXTERNAL_DATA_NAME,
+            size_threshold=1024,
+        )
+    else:
         onnx.save_model(model, str(target))
-        return [target]
+    return files_of(target)

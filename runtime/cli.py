@@ -126,16 +126,19 @@ def cmd_convert(args: argparse.Namespace) -> int:
     """Convert a checkpoint into a converted-model folder."""
     try:
         from sdlite.convert.converter import convert
-    except ImportError as exc:
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("sdlite"):
+            raise
         raise InputError(
             f"sdlite convert needs the convert extra: pip install 'sdlite[convert]' ({exc.name} is missing)"
         ) from None
     if args.size or args.lora:
         raise InputError("--size and --lora are not supported yet by this version of sdlite convert")
+    formats = ["onnx", "openvino"] if args.format == "both" else args.format.split(",")
     convert(
         args.source,
         args.out,
-        formats=args.format.split(","),
+        formats=formats,
         precisions=args.precision.split(","),
         attention=args.attention,
         validate=not args.no_validate,
@@ -240,9 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert", help="export a checkpoint to a converted-model folder (needs sdlite[convert])")
     conv.add_argument("source", help="diffusers folder, .safetensors file or hub id")
     conv.add_argument("out", help="output folder (must not exist)")
-    conv.add_argument("--format", default="onnx")
-    conv.add_argument("--precision", default="fp32")
-    conv.add_argument("--attention", default="plain")
+    conv.add_argument("--format", default="onnx", help="onnx, openvino or both")
+    conv.add_argument("--precision", default="fp32", help="comma-separated: fp32, fp16, int8, w8a8 (OpenVINO)")
+    conv.add_argument("--attention", default="plain", help="plain, sliced (one head at a time) or fused")
     conv.add_argument("--size", type=parse_size)
     conv.add_argument("--lora", action="append", default=[])
     conv.add_argument("--allow-pickle", action="store_true", help="load a pickled .ckpt you trust")

@@ -1,0 +1,49 @@
+"""Calibration data for int8 activations: the U-Net's real inputs while the model generates real prompts.
+
+Quantization ranges fitted to random noise misjudge the activations a U-Net sees in use (FINDINGS.md), so
+the converter runs the PyTorch pipeline on a few everyday prompts and records every U-Net call.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+CALIBRATION_PROMPTS = (
+    "a photograph of an astronaut riding a horse",
+    "a red circle on a blue background",
+    "a watercolor painting of a lighthouse at dusk",
+    "portrait of an old man, detailed, studio lighting",
+)
+CALIBRATION_STEPS = 5
+
+
+def calibration_inputs(pipe, quiet: bool = True) -> list[dict[str, np.ndarray]]:
+    """Run ``pipe`` (diffusers, PyTorch) on the calibration prompts and return every U-Net input it saw,
+    named as the exported U-Net's inputs."""
+    import torch
+
+    records: list[dict[str, np.ndarray]] = []
+
+    def record(module, args, kwargs):
+        sample, timestep = args[0], args[1]
+        records.append(
+            {
+                "sample": sample.detach().numpy().copy(),
+                "timestep": np.asarray(float(timestep.reshape(-1)[0]), dtype=np.float32),
+                "encoder_hidden_states": kwargs["encoder_hidden_states"].detach().numpy().copy(),
+            }
+        )
+
+    handle = pipe.unet.register_forward_pre_hook(record, with_kwargs=True)
+    pipe.set_progress_bar_config(disable=quiet)
+    try:
+        for index, prompt in enumerate(CALIBRATION_PROMPTS):
+            pipe(
+                prompt,
+                num_inference_steps=CALIBRATION_STEPS,
+                generator=torch.Generator().manual_seed(index),
+                output_type="latent",
+            )
+    finally:
+        handle.remove()
+    return records
