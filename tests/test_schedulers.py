@@ -236,7 +236,8 @@ def test_karras_sigmas_follow_eq_5():
 
 
 def test_names():
-    assert schedulers.names() == ["DDIM", "DPM++ 2M Karras", "Euler a", "PNDM"]
+    # The full list (issue 7) is checked in test_samplers_all.py; these four must stay.
+    assert {"DDIM", "DPM++ 2M Karras", "Euler a", "PNDM"} <= set(schedulers.names())
 
 
 @pytest.mark.parametrize(
@@ -259,7 +260,7 @@ def test_unknown_sampler():
     with pytest.raises(schedulers.UnknownSamplerError) as info:
         schedulers.create("foo", SD15)
     assert isinstance(info.value, ValueError)
-    assert str(info.value) == "unknown sampler 'foo'; known samplers: DDIM, DPM++ 2M Karras, Euler a, PNDM"
+    assert str(info.value) == f"unknown sampler 'foo'; known samplers: {', '.join(schedulers.names())}"
 
 
 @pytest.mark.parametrize("name", SAMPLERS)

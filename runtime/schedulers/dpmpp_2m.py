@@ -1,12 +1,12 @@
-"""DPM-Solver++(2M) with Karras sigmas ("DPM++ 2M Karras"): Lu et al. 2022, "DPM-Solver++: Fast
-Solver for Guided Sampling of Diffusion Probabilistic Models", Algorithm 2 (multistep, second order),
-on the noise levels of Karras et al. 2022, eq. 5 (rho = 7).
+"""DPM-Solver++(2M) sampler ("DPM++ 2M", "DPM++ 2M Karras"): Lu et al. 2022, "DPM-Solver++: Fast
+Solver for Guided Sampling of Diffusion Probabilistic Models", Algorithm 2 (multistep, second order).
 
 The solver integrates the diffusion ODE in log-SNR time lambda = log(alpha_t / sigma_t) using the
 data prediction x0; each step reuses the previous step's x0 for a second-order correction, so one
-model evaluation per step buys second order. Behaves like diffusers'
-``DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=True, algorithm_type="dpmsolver++",
-solver_order=2)``.
+model evaluation per step buys second order. The noise levels are the model's timesteps (default) or a
+Karras (Karras et al. 2022, eq. 5), exponential or beta schedule over the training range. Behaves like
+diffusers' ``DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++",
+solver_order=2)`` (``use_karras_sigmas=True`` for "DPM++ 2M Karras").
 """
 
 from __future__ import annotations
@@ -23,15 +23,17 @@ from .sigmas import (
     broadcast_per_sample,
     check_steps,
     index_for_timestep,
-    karras_sigmas,
+    multistep_timesteps,
+    resample_sigmas,
     rescale_zero_terminal_snr,
+    sigma_schedule_from_config,
     sigma_to_t,
     train_sigmas,
 )
 
 # diffusers' DPMSolverMultistepScheduler defaults for the keys this sampler reads; a config key, when
-# present, overrides them (as from_config does). algorithm_type, solver_order and use_karras_sigmas are
-# fixed by the sampler's name.
+# present, overrides them (as from_config does). algorithm_type and solver_order are fixed by the
+# sampler's name.
 DEFAULTS: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "beta_start": 0.0001,
@@ -43,9 +45,14 @@ DEFAULTS: dict[str, Any] = {
     "solver_type": "midpoint",
     "lower_order_final": True,
     "euler_at_final": False,
+    "use_karras_sigmas": False,
     "use_exponential_sigmas": False,
     "use_beta_sigmas": False,
+    "use_lu_lambdas": False,
     "use_flow_sigmas": False,
+    "lambda_min_clipped": -float("inf"),
+    "timestep_spacing": "linspace",
+    "steps_offset": 0,
     "final_sigmas_type": "zero",
     "variance_type": None,
     "rescale_betas_zero_snr": False,
@@ -74,49 +81,52 @@ def _lambda(sigma: float) -> float:
 
 
 class DPMPP2MScheduler:
-    """DPM-Solver++(2M) on Karras sigmas; deterministic.
+    """DPM-Solver++(2M); deterministic.
 
     State: the previous step's x0 prediction and a step index. The index is found from the first timestep
     passed to ``step`` after ``set_timesteps`` (so a loop may start mid-schedule, as img2img does) and
     advances by one per ``step``. ``set_timesteps`` resets both.
     """
 
+    name = "DPM++ 2M"
     stochastic = False
     order = 1  # model evaluations per step
     init_noise_sigma = 1.0  # works on VP samples: x_t = alpha_t x0 + sigma_t eps
 
     def __init__(self, config: Mapping[str, Any] | None = None) -> None:
         cfg = {**DEFAULTS, **(config or {})}
+        who = self.name
         if cfg["prediction_type"] not in PREDICTION_TYPES:
             raise ValueError(
-                f"DPM++ 2M Karras: prediction_type {cfg['prediction_type']!r} is not supported; "
+                f"{who}: prediction_type {cfg['prediction_type']!r} is not supported; "
                 f"expected one of {', '.join(PREDICTION_TYPES)}"
             )
         if cfg["solver_type"] not in SOLVER_TYPES:
             raise ValueError(
-                f"DPM++ 2M Karras: solver_type {cfg['solver_type']!r} is not supported; "
-                f"expected one of {', '.join(SOLVER_TYPES)}"
+                f"{who}: solver_type {cfg['solver_type']!r} is not supported; expected one of {', '.join(SOLVER_TYPES)}"
             )
         if cfg["final_sigmas_type"] not in ("zero", "sigma_min"):
             raise ValueError(
-                f"DPM++ 2M Karras: final_sigmas_type {cfg['final_sigmas_type']!r} is not supported; "
-                "expected zero or sigma_min"
+                f"{who}: final_sigmas_type {cfg['final_sigmas_type']!r} is not supported; expected zero or sigma_min"
             )
-        if cfg["use_exponential_sigmas"] or cfg["use_beta_sigmas"]:
-            raise ValueError("DPM++ 2M Karras uses Karras sigmas; the config also asks for exponential or beta sigmas")
-        for key in ("thresholding", "use_flow_sigmas", "variance_type"):
+        self.sigma_schedule = sigma_schedule_from_config(cfg, who)
+        for key in ("thresholding", "use_flow_sigmas", "use_lu_lambdas", "variance_type"):
             # Pixel-space (thresholding, learned variance) and flow-matching options; not for SD latents.
             if cfg[key]:
-                raise NotImplementedError(f"DPM++ 2M Karras: {key}={cfg[key]!r} is not supported")
+                raise NotImplementedError(f"{who}: {key}={cfg[key]!r} is not supported")
         self.num_train_timesteps = int(cfg["num_train_timesteps"])
         self.prediction_type: str = cfg["prediction_type"]
         self.solver_type: str = cfg["solver_type"]
         self.lower_order_final = bool(cfg["lower_order_final"])
         self.euler_at_final = bool(cfg["euler_at_final"])
         self.final_sigmas_type: str = cfg["final_sigmas_type"]
+        self.timestep_spacing: str = cfg["timestep_spacing"]
+        self.steps_offset = int(cfg["steps_offset"])
+        self.lambda_min_clipped = float(cfg["lambda_min_clipped"])
         self._sigma_min_override = cfg["sigma_min"]
         self._sigma_max_override = cfg["sigma_max"]
-        # The reference truncates (not rounds) fractional timesteps for the cosine schedule.
+        # The reference rounds the timesteps of Karras sigmas, except for the cosine schedule, and truncates
+        # the others.
         self._round_timesteps = cfg["beta_schedule"] != "squaredcos_cap_v2"
         betas = betas_from_config(
             self.num_train_timesteps, cfg["beta_start"], cfg["beta_end"], cfg["beta_schedule"], cfg["trained_betas"]
@@ -139,22 +149,31 @@ class DPMPP2MScheduler:
         self._steps_done = 0
 
     def set_timesteps(self, num_inference_steps: int) -> None:
-        """Choose Karras sigmas for ``num_inference_steps`` steps and the integer timesteps nearest them."""
+        """Choose the integer timesteps and their sigmas for ``num_inference_steps`` steps; reset the history."""
         check_steps(num_inference_steps)
         n = int(num_inference_steps)
-        sigma_min = self._sigma_min_override
-        sigma_max = self._sigma_max_override
-        sigma_min = float(self._train_sigmas[0]) if sigma_min is None else float(sigma_min)
-        sigma_max = float(self._train_sigmas[-1]) if sigma_max is None else float(sigma_max)
-        sigmas = karras_sigmas(sigma_min, sigma_max, n)
-        t = sigma_to_t(sigmas, self._train_sigmas)
-        if self._round_timesteps:
-            t = np.round(t)
-        self.timesteps = t.astype(np.int64)
+        if self.sigma_schedule is None:
+            # Steps whose log-SNR falls below lambda_min_clipped are cut from the noisy end.
+            lambdas = np.log(np.sqrt(self.alphas_cumprod)) - np.log(np.sqrt(1 - self.alphas_cumprod))
+            clipped = int(np.searchsorted(lambdas[::-1], self.lambda_min_clipped))
+            last_timestep = self.num_train_timesteps - clipped
+            timesteps = multistep_timesteps(
+                n, self.num_train_timesteps, self.timestep_spacing, self.steps_offset, last_timestep
+            )
+            sigmas = np.interp(timesteps, np.arange(self.num_train_timesteps), self._train_sigmas)
+        else:
+            sigmas = resample_sigmas(
+                self.sigma_schedule, self._train_sigmas[::-1], n, self._sigma_min_override, self._sigma_max_override
+            )
+            t = sigma_to_t(sigmas, self._train_sigmas)
+            if self.sigma_schedule == "karras" and self._round_timesteps:
+                t = np.round(t)
+            timesteps = t.astype(np.int64)
+        self.timesteps = timesteps
         # Last step lands on sigma 0 (a clean sample) or on the smallest training sigma.
         last = 0.0 if self.final_sigmas_type == "zero" else float(self._train_sigmas[0])
         self.sigmas = np.concatenate([sigmas, [last]]).astype(np.float32)
-        self.num_inference_steps = n
+        self.num_inference_steps = len(timesteps)
         self._reset_state()
 
     def scale_model_input(self, sample: np.ndarray, timestep: Any = None) -> np.ndarray:
@@ -182,11 +201,19 @@ class DPMPP2MScheduler:
     def step(
         self, model_output: np.ndarray, timestep: Any, sample: np.ndarray, noise: np.ndarray | None = None
     ) -> np.ndarray:
-        """One DPM-Solver++(2M) step from sigma_i to sigma_{i+1}; ``noise`` is ignored."""
+        """One step from sigma_i to sigma_{i+1}; ``noise`` is required when ``stochastic`` and ignored otherwise."""
         if self.num_inference_steps is None:
-            raise RuntimeError("DPM++ 2M Karras: call set_timesteps() before step()")
+            raise RuntimeError(f"{self.name}: call set_timesteps() before step()")
         model_output = np.asarray(model_output, dtype=np.float32)
         x = np.asarray(sample, dtype=np.float32)
+        if self.stochastic:
+            if noise is None:
+                raise ValueError(
+                    f"{self.name} is stochastic: step() needs noise, a standard normal array of model_output's shape"
+                )
+            noise = np.asarray(noise, dtype=np.float32)
+            if noise.shape != model_output.shape:
+                raise ValueError(f"{self.name}: noise has shape {noise.shape}, expected {model_output.shape}")
         i = self._index(timestep)
         n = len(self.timesteps)
         sigma_s0, sigma_t = float(self.sigmas[i]), float(self.sigmas[i + 1])
@@ -199,15 +226,17 @@ class DPMPP2MScheduler:
             or self.final_sigmas_type == "zero"
         )
         if self._steps_done < 1 or final_first_order or self._prev_x0 is None:
-            prev = self._first_order(x, x0, sigma_s0, sigma_t)
+            prev = self._first_order(x, x0, sigma_s0, sigma_t, noise)
         else:
-            prev = self._second_order(x, x0, self._prev_x0, float(self.sigmas[i - 1]), sigma_s0, sigma_t)
+            prev = self._second_order(x, x0, self._prev_x0, float(self.sigmas[i - 1]), sigma_s0, sigma_t, noise)
         self._prev_x0 = x0
         self._steps_done += 1
         self._step_index = i + 1
         return prev.astype(np.float32)
 
-    def _first_order(self, x: np.ndarray, x0: np.ndarray, sigma_s: float, sigma_t: float) -> np.ndarray:
+    def _first_order(
+        self, x: np.ndarray, x0: np.ndarray, sigma_s: float, sigma_t: float, noise: np.ndarray | None
+    ) -> np.ndarray:
         # DPM-Solver++(1), Lu et al. 2022 eq. 8 (equivalent to DDIM):
         # x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) x0.
         if sigma_t == 0:
@@ -218,7 +247,14 @@ class DPMPP2MScheduler:
         return (sig_t / sig_s) * x - (alpha_t * math.expm1(-h)) * x0
 
     def _second_order(
-        self, x: np.ndarray, x0: np.ndarray, prev_x0: np.ndarray, sigma_s1: float, sigma_s0: float, sigma_t: float
+        self,
+        x: np.ndarray,
+        x0: np.ndarray,
+        prev_x0: np.ndarray,
+        sigma_s1: float,
+        sigma_s0: float,
+        sigma_t: float,
+        noise: np.ndarray | None,
     ) -> np.ndarray:
         # DPM-Solver++(2M), Lu et al. 2022 Algorithm 2: D1 is the finite difference of x0 over the last
         # two steps, scaled by the step-size ratio r0 = h_prev / h.

@@ -171,3 +171,155 @@ def add_noise_vp(
     signal = broadcast_per_sample(np.sqrt(ab), ndim)
     noise_scale = broadcast_per_sample(np.sqrt(1 - ab), ndim)
     return (signal * original_samples + noise_scale * noise).astype(np.float32)
+
+
+def exponential_sigmas(sigma_min: float, sigma_max: float, num_steps: int) -> np.ndarray:
+    """Return ``num_steps`` sigmas from ``sigma_max`` to ``sigma_min``, uniform in log(sigma).
+
+    The "Exponential" schedule of k-diffusion (``get_sigmas_exponential``): equal steps in log-SNR time.
+    """
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), num_steps))
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    # Regularized incomplete beta function I_x(a, b) by its continued fraction (evaluated with the modified
+    # Lentz method), using the symmetry I_x(a, b) = 1 - I_{1-x}(b, a) where the fraction converges slowly.
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - _betainc(b, a, 1.0 - x)
+    log_front = a * math.log(x) + b * math.log1p(-x) - (math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b))
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    frac = d
+    for m in range(1, 300):
+        for numerator in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            frac *= c * d
+        if abs(c * d - 1.0) < 1e-16:
+            break
+    return math.exp(log_front) * frac / a
+
+
+def beta_ppf(q: float, a: float, b: float) -> float:
+    """Quantile function (inverse CDF) of the Beta(a, b) distribution, to about 1e-15 (bisection)."""
+    if q <= 0.0:
+        return 0.0
+    if q >= 1.0:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    # The CDF is monotone, so bisection always converges; 60 halvings reach float64 resolution.
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if _betainc(a, b, mid) < q:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def beta_sigmas(
+    sigma_min: float, sigma_max: float, num_steps: int, alpha: float = 0.6, beta: float = 0.6
+) -> np.ndarray:
+    """Return ``num_steps`` sigmas from ``sigma_max`` to ``sigma_min`` placed at quantiles of Beta(alpha, beta).
+
+    Lee et al. 2024, "Beta Sampling is All You Need": with alpha = beta = 0.6 the steps cluster at both
+    ends of the noise range.
+    """
+    quantiles = [beta_ppf(q, alpha, beta) for q in 1 - np.linspace(0, 1, num_steps)]
+    return np.array([sigma_min + p * (sigma_max - sigma_min) for p in quantiles])
+
+
+# Sigma schedules that replace the model's own (timestep-spaced) noise levels, by diffusers config flag.
+SIGMA_SCHEDULES = {
+    "karras": "use_karras_sigmas",
+    "exponential": "use_exponential_sigmas",
+    "beta": "use_beta_sigmas",
+}
+
+
+def resample_sigmas(
+    kind: str, sigmas: np.ndarray, num_steps: int, sigma_min: float | None = None, sigma_max: float | None = None
+) -> np.ndarray:
+    """Replace descending ``sigmas`` by ``num_steps`` sigmas of schedule ``kind`` over the same range.
+
+    ``kind`` is "karras" (eq. 5 of Karras et al. 2022), "exponential" or "beta". The range is
+    [sigmas[-1], sigmas[0]] unless ``sigma_min`` / ``sigma_max`` override an end.
+    """
+    lo = float(sigmas[-1]) if sigma_min is None else float(sigma_min)
+    hi = float(sigmas[0]) if sigma_max is None else float(sigma_max)
+    if kind == "karras":
+        return karras_sigmas(lo, hi, num_steps)
+    if kind == "exponential":
+        return exponential_sigmas(lo, hi, num_steps)
+    if kind == "beta":
+        return beta_sigmas(lo, hi, num_steps)
+    raise ValueError(f"unknown sigma schedule {kind!r}; expected one of {', '.join(SIGMA_SCHEDULES)}")
+
+
+def sigma_schedule_from_config(cfg: dict, who: str) -> str | None:
+    """Return which of :data:`SIGMA_SCHEDULES` a config turns on (None for none); ValueError for several."""
+    on = [kind for kind, key in SIGMA_SCHEDULES.items() if cfg.get(key)]
+    if len(on) > 1:
+        raise ValueError(f"{who}: only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas may be set")
+    return on[0] if on else None
+
+
+def multistep_timesteps(
+    num_inference_steps: int,
+    num_train_timesteps: int,
+    spacing: str,
+    steps_offset: int = 0,
+    last_timestep: int | None = None,
+) -> np.ndarray:
+    """Integer timesteps of the multistep solvers (DPM-Solver, UniPC, DEIS), descending, int64.
+
+    Unlike :func:`spaced_timesteps`, "linspace" and "leading" place ``num_inference_steps + 1`` points and
+    drop the last (t = 0), so no step evaluates the model at the clean end. ``last_timestep`` (default T)
+    caps the first step for solvers that clip low log-SNR values.
+    """
+    check_steps(num_inference_steps)
+    n, total = int(num_inference_steps), int(num_train_timesteps)
+    last = total if last_timestep is None else int(last_timestep)
+    if spacing == "linspace":
+        return np.linspace(0, last - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+    if spacing == "leading":
+        ratio = last // (n + 1)
+        return (np.arange(n + 1) * ratio).round()[::-1][:-1].astype(np.int64) + steps_offset
+    if spacing == "trailing":
+        ratio = total / n
+        return np.arange(last, 0, -ratio).round().astype(np.int64) - 1
+    raise ValueError(f"timestep_spacing {spacing!r} is not supported; expected one of {', '.join(SPACINGS)}")
+
+
+def alphas_cumprod_from_config(cfg: dict) -> np.ndarray:
+    """alpha-bar for a diffusers config (betas, optional zero-terminal-SNR rescale), float32.
+
+    With ``rescale_betas_zero_snr`` the last entry would be 0 (infinite sigma); it is kept finite at 2^-24,
+    as the reference does.
+    """
+    betas = betas_from_config(
+        int(cfg["num_train_timesteps"]), cfg["beta_start"], cfg["beta_end"], cfg["beta_schedule"], cfg["trained_betas"]
+    )
+    rescale = bool(cfg.get("rescale_betas_zero_snr", False))
+    if rescale:
+        betas = rescale_zero_terminal_snr(betas)
+    ab = alphas_cumprod(betas)
+    if rescale:
+        ab[-1] = 2.0**-24
+    return ab
+
+
+def vp_alpha_sigma(sigma: float) -> tuple[float, float]:
+    """VE sigma -> VP (alpha_t, sigma_t), alpha_t² + sigma_t² = 1 (x_vp = x_ve / sqrt(sigma² + 1))."""
+    alpha_t = 1 / (sigma**2 + 1) ** 0.5
+    return alpha_t, sigma * alpha_t

@@ -1,0 +1,282 @@
+"""Every A1111 sampler in sdlite.schedulers against its reference, and the name/schedule/infotext API.
+
+Each loop runs our sampler and the reference side by side on the same sample, with the same fake model and
+the same per-step noise, and compares timesteps, model inputs and the sample after every ``step`` call
+(both stages of two-stage samplers). Tolerance: max|ours - ref| / scale < 1e-5, where scale is the larger of
+max|ref| after and before the call: both sides round in float32 relative to their operands, so a step that
+cancels most of a large sample (the last step, when the model predicts a small x0) keeps the absolute
+error of the input's size (about 1e-7 of it), which max|ref| of the small result alone would inflate.
+
+References: the diffusers class of each sampler (``REFERENCES``), with the stochastic ones' noise injected
+(their module's ``randn_tensor`` patched; DPM++ SDE's Brownian-tree noise sampler replaced). DPM++ 2S a has
+no diffusers class: it is checked against ``kdiffusion_dpmpp_2s_ancestral`` below, k-diffusion's
+``sample_dpmpp_2s_ancestral`` loop written out in torch on the sigmas of diffusers' EulerDiscreteScheduler.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from test_schedulers import CONFIGS, RTOL, SD15, SHAPE, fake_model, rel_err  # noqa: E402
+
+from sdlite import schedulers  # noqa: E402
+
+
+def step_err(ours: np.ndarray, ref, ref_before) -> float:
+    """max|ours - ref| relative to the larger of max|ref| and max|ref_before| (see the module docstring)."""
+    ref = ref.numpy() if isinstance(ref, torch.Tensor) else np.asarray(ref)
+    before = ref_before.numpy() if isinstance(ref_before, torch.Tensor) else np.asarray(ref_before)
+    assert np.shape(ours) == ref.shape
+    scale = max(float(np.max(np.abs(ref))), float(np.max(np.abs(before))), 1e-30)
+    return float(np.max(np.abs(np.asarray(ours, dtype=np.float64) - ref))) / scale
+
+
+def _dpmsolver_sde_module(monkeypatch):
+    # diffusers' DPMSolverSDEScheduler imports torchsde for its Brownian tree; the tests replace that noise
+    # sampler, so a stand-in module is enough to import the scheduler.
+    monkeypatch.setitem(sys.modules, "torchsde", types.ModuleType("torchsde"))
+    from diffusers.schedulers import scheduling_dpmsolver_sde
+
+    return scheduling_dpmsolver_sde
+
+
+# A1111 name -> (diffusers class name, from_config overrides, scheduling module holding its randn_tensor).
+REFERENCES: dict[str, tuple[str, dict, str | None]] = {
+    "Euler": ("EulerDiscreteScheduler", {}, None),
+    "Heun": ("HeunDiscreteScheduler", {}, None),
+    "LMS": ("LMSDiscreteScheduler", {}, None),
+    "DPM2": ("KDPM2DiscreteScheduler", {}, None),
+    "DPM2 a": ("KDPM2AncestralDiscreteScheduler", {}, "scheduling_k_dpm_2_ancestral_discrete"),
+    "DPM++ 2M": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2},
+        None,
+    ),
+    "DPM++ 2M SDE": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "sde-dpmsolver++", "solver_order": 2},
+        "scheduling_dpmsolver_multistep",
+    ),
+    "DPM++ SDE": ("DPMSolverSDEScheduler", {}, None),
+}
+
+SCHEDULE_OVERRIDES = {
+    "automatic": {},
+    "karras": {"use_karras_sigmas": True},
+    "exponential": {"use_exponential_sigmas": True},
+    "beta": {"use_beta_sigmas": True},
+    "sgm_uniform": {"timestep_spacing": "trailing"},
+}
+
+# Which prediction types each sampler's reference supports beyond epsilon and v_prediction.
+TAKES_SAMPLE = {"Euler", "Heun", "LMS", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ 2S a"}
+
+
+def reference(name: str, config: dict, schedule: str, monkeypatch):
+    """The diffusers scheduler for an A1111 name and schedule."""
+    cls_name, overrides, _ = REFERENCES[name]
+    if name == "DPM++ SDE":
+        cls = _dpmsolver_sde_module(monkeypatch).DPMSolverSDEScheduler
+    else:
+        cls = getattr(diffusers, cls_name)
+    return cls.from_config({**config, **overrides, **SCHEDULE_OVERRIDES[schedule]})
+
+
+class NoiseFeed:
+    """The noise of the current step call, handed to the reference wherever it draws noise."""
+
+    def __init__(self) -> None:
+        self.current: np.ndarray | None = None
+
+    def randn(self, *args, **kwargs):
+        assert self.current is not None
+        return torch.from_numpy(self.current.copy())
+
+
+def patch_reference_noise(name: str, ref, feed: NoiseFeed, monkeypatch) -> None:
+    """Make the reference take its noise from ``feed`` (after set_timesteps, which resets DPM++ SDE's)."""
+    module = REFERENCES.get(name, (None, None, None))[2]
+    if module is not None:
+        monkeypatch.setattr(getattr(diffusers.schedulers, module), "randn_tensor", feed.randn)
+    if name == "DPM++ SDE":
+        ref.noise_sampler = lambda sigma, sigma_next: feed.randn()
+
+
+def run_side_by_side(name: str, config: dict, steps: int, monkeypatch, schedule: str = "automatic") -> float:
+    """Run ours and the diffusers reference for `steps` steps; assert they agree after every call."""
+    ours = schedulers.create(name, config, schedule=schedule)
+    ref = reference(name, config, schedule, monkeypatch)
+    ours.set_timesteps(steps)
+    ref.set_timesteps(steps)
+    feed = NoiseFeed()
+    patch_reference_noise(name, ref, feed, monkeypatch)
+
+    ref_t = ref.timesteps.numpy()
+    assert ours.timesteps.shape == ref_t.shape
+    np.testing.assert_allclose(ours.timesteps, ref_t, rtol=1e-6, atol=1e-4)
+    assert ours.timesteps.dtype.kind == ref_t.dtype.kind
+    assert ours.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma), rel=1e-6)
+
+    gen = np.random.default_rng(0)
+    x0 = gen.standard_normal(SHAPE).astype(np.float32) * np.float32(ours.init_noise_sigma)
+    x, x_ref = x0.copy(), torch.from_numpy(x0.copy())
+    worst = 0.0
+    for i, (t, t_ref) in enumerate(zip(ours.timesteps, ref.timesteps, strict=True)):
+        feed.current = gen.standard_normal(SHAPE).astype(np.float32)
+        x_in = ours.scale_model_input(x, t)
+        x_in_ref = ref.scale_model_input(x_ref, t_ref)
+        worst = max(worst, rel_err(x_in, x_in_ref))
+        eps = fake_model(x_in, t)
+        eps_ref = torch.from_numpy(fake_model(x_in_ref.numpy(), t_ref.item()))
+        x = ours.step(eps, t, x, noise=feed.current if ours.stochastic else None)
+        x_before, x_ref = x_ref, ref.step(eps_ref, t_ref, x_ref).prev_sample
+        assert x.dtype == np.float32
+        err = step_err(x, x_ref, x_before)
+        assert err < RTOL, f"{name} step {i} (t={t}): relative error {err:.2e}"
+        worst = max(worst, err)
+    return worst
+
+
+DIFFUSERS_SAMPLERS = list(REFERENCES)
+
+
+@pytest.mark.parametrize("steps", [1, 5, 16])
+@pytest.mark.parametrize("config_name", list(CONFIGS))
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("name", DIFFUSERS_SAMPLERS)
+def test_matches_diffusers(name, prediction_type, config_name, steps, monkeypatch):
+    if prediction_type == "sample" and name not in TAKES_SAMPLE:
+        pytest.skip(f"diffusers' {REFERENCES[name][0]} does not take prediction_type='sample'")
+    config = {**CONFIGS[config_name], "prediction_type": prediction_type}
+    run_side_by_side(name, config, steps, monkeypatch)
+
+
+SCHEDULES_BY_SAMPLER = [
+    (name, schedule) for name in DIFFUSERS_SAMPLERS for schedule in ("karras", "exponential", "beta", "sgm_uniform")
+]
+
+
+@pytest.mark.parametrize("steps", [1, 6, 16])
+@pytest.mark.parametrize("name, schedule", SCHEDULES_BY_SAMPLER)
+def test_schedules_match_diffusers(name, schedule, steps, monkeypatch):
+    run_side_by_side(name, SD15, steps, monkeypatch, schedule=schedule)
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("Euler", None),
+        ("Euler", {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"}),
+        ("Euler", {"final_sigmas_type": "sigma_min"}),
+        ("Euler", {"use_karras_sigmas": True, "sigma_min": 0.1, "sigma_max": 10.0}),
+        ("Euler", {"beta_schedule": "squaredcos_cap_v2"}),
+        ("Heun", None),
+        ("Heun", {"clip_sample": True, "clip_sample_range": 0.5}),
+        ("LMS", None),
+        ("DPM2", None),
+        ("DPM2 a", None),
+        ("DPM++ SDE", None),
+        ("DPM++ 2M", {"use_exponential_sigmas": True, "solver_type": "heun"}),
+        ("DPM++ 2M", {"lambda_min_clipped": -5.1}),
+        ("DPM++ 2M SDE", None),
+        ("DPM++ 2M SDE", {"solver_type": "heun", "use_karras_sigmas": True}),
+        ("DPM++ 2M SDE", {"final_sigmas_type": "sigma_min"}),
+        ("DPM++ 2M SDE", {"trained_betas": np.linspace(1e-4, 0.02, 1000).tolist()}),
+    ],
+)
+@pytest.mark.parametrize("steps", [4, 20])
+def test_matches_diffusers_other_configs(name, overrides, steps, monkeypatch):
+    config = {} if overrides is None else {**SD15, **overrides}
+    run_side_by_side(name, config, steps, monkeypatch)
+
+
+# --- DPM++ 2S a against k-diffusion's loop -------------------------------------------------------------------
+
+
+def kdiffusion_dpmpp_2s_ancestral(denoise, x, sigmas, noises):
+    """k-diffusion's ``sample_dpmpp_2s_ancestral`` (eta = 1, s_noise = 1) in torch, returning every state.
+
+    ``denoise(x, sigma)`` is the k-diffusion model; ``noises[i]`` the noise step i adds. The returned list
+    holds, per step, the midpoint sample x_2 (when the step has one) and then the new x: the states sdlite's
+    scheduler returns from its ``step`` calls.
+    """
+    states = []
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = denoise(x, sigma)
+        sigma_up = min(sigma_next, (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
+        sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+        if sigma_down == 0:
+            x = x + (x - denoised) / sigma * (sigma_down - sigma)
+        else:
+            t, t_next = -sigma.log(), -sigma_down.log()
+            h = t_next - t
+            s = t + h / 2
+            x_2 = ((-s).exp() / (-t).exp()) * x - (-h / 2).expm1() * denoised
+            states.append(x_2)
+            denoised_2 = denoise(x_2, (-s).exp())
+            x = ((-t_next).exp() / (-t).exp()) * x - (-h).expm1() * denoised_2
+        if sigma_next > 0:
+            x = x + noises[i] * sigma_up
+        states.append(x)
+    return states
+
+
+@pytest.mark.parametrize("steps", [1, 5, 16])
+@pytest.mark.parametrize("config_name", list(CONFIGS))
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_dpmpp_2s_ancestral_matches_kdiffusion(prediction_type, config_name, steps):
+    config = {**CONFIGS[config_name], "prediction_type": prediction_type}
+    check_dpmpp_2s_ancestral(config, steps, "automatic")
+
+
+@pytest.mark.parametrize("schedule", ["karras", "exponential", "beta", "sgm_uniform"])
+def test_dpmpp_2s_ancestral_schedules(schedule):
+    check_dpmpp_2s_ancestral(SD15, 8, schedule)
+
+
+def check_dpmpp_2s_ancestral(config: dict, steps: int, schedule: str) -> float:
+    ours = schedulers.create("DPM++ 2S a", config, schedule=schedule)
+    ours.set_timesteps(steps)
+    # The k-diffusion loop runs on the noise levels diffusers' Euler scheduler picks for this config.
+    euler = diffusers.EulerDiscreteScheduler.from_config({**config, **SCHEDULE_OVERRIDES[schedule]})
+    euler.set_timesteps(steps)
+    log_sigmas = np.log(((1 - euler.alphas_cumprod) / euler.alphas_cumprod).numpy() ** 0.5)
+    prediction_type = config["prediction_type"]
+
+    def denoise(x, sigma):
+        # The fake U-Net as a k-diffusion denoiser: VP input, timestep from sigma, output to x0.
+        t = float(euler._sigma_to_t(np.array(float(sigma)), log_sigmas))
+        scale = (sigma**2 + 1) ** 0.5
+        out = torch.from_numpy(fake_model((x / scale).numpy(), t))
+        if prediction_type == "epsilon":
+            return x - sigma * out
+        if prediction_type == "v_prediction":
+            return out * (-sigma / scale) + x / (sigma**2 + 1)
+        return out
+
+    gen = np.random.default_rng(0)
+    x0 = gen.standard_normal(SHAPE).astype(np.float32) * np.float32(ours.init_noise_sigma)
+    noises = [gen.standard_normal(SHAPE).astype(np.float32) for _ in ours.timesteps]
+    assert ours.init_noise_sigma == pytest.approx(float(euler.init_noise_sigma), rel=1e-6)
+    np.testing.assert_allclose(ours.timesteps[0::2], euler.timesteps.numpy(), rtol=1e-6)
+    # Step i's noise is the one our scheduler gets on its second call of that step (its last, for the last step).
+    step_noise = [torch.from_numpy(noises[min(2 * i + 1, len(noises) - 1)]) for i in range(steps)]
+    want = kdiffusion_dpmpp_2s_ancestral(denoise, torch.from_numpy(x0.copy()), euler.sigmas, step_noise)
+
+    x, worst = x0.copy(), 0.0
+    assert len(want) == len(ours.timesteps)
+    for i, t in enumerate(ours.timesteps):
+        x_in = ours.scale_model_input(x, t)
+        x = ours.step(fake_model(x_in, t), t, x, noise=noises[i])
+        err = step_err(x, want[i], want[i - 1] if i else x0)
+        assert err < RTOL, f"DPM++ 2S a call {i} (t={t}): relative error {err:.2e}"
+        worst = max(worst, err)
+    return worst
