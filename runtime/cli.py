@@ -112,6 +112,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         width=width,
         height=height,
         batch=args.batch,
+        seed_source=args.seed_source,
         progress=not args.quiet,
     )
     images = _mode_call(args, pipe, common)
@@ -194,6 +195,9 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
     parser.add_argument("--sampler", help="A1111 sampler name (default: the model's own scheduler)")
     parser.add_argument("--seed", type=int, default=-1, help="-1 picks a random seed")
+    parser.add_argument(
+        "--seed-source", default="cpu", help="cpu (torch CPU / diffusers / A1111 'CPU'), nv (A1111 'NV') or numpy"
+    )
     parser.add_argument("--size", type=parse_size, help="WIDTHxHEIGHT, multiples of 8 (default: the model's)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--engine", default="onnx", help="onnx (onnxruntime) or openvino")

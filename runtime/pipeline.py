@@ -23,7 +23,7 @@ from sdlite.images import resize_to, to_pil, to_pixels, to_unit, working_size
 from sdlite.infotext import format_infotext
 from sdlite.masks import check_not_empty, masked_region, outpaint_canvas, paste_back, prepare_mask
 from sdlite.model_folder import ModelFolder
-from sdlite.rng import NoiseGenerator
+from sdlite.rng import A1111_RNG, DEFAULT_SOURCE, SOURCES, NoiseGenerator
 from sdlite.tokenizer import CLIPTokenizer
 from sdlite.vae import Vae
 
@@ -54,6 +54,7 @@ class GenerationRequest:
     width: int
     height: int
     batch: int
+    seed_source: str = DEFAULT_SOURCE
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,7 @@ class Pipeline:
         width: int | None = None,
         height: int | None = None,
         batch: int = 1,
+        seed_source: str = DEFAULT_SOURCE,
     ) -> GenerationRequest:
         width = width or self.default_size[0]
         height = height or self.default_size[1]
@@ -234,8 +236,10 @@ class Pipeline:
             schedulers.create(sampler, self.folder.scheduler_config)  # fails early on an unsupported config
         except ValueError as exc:
             raise InputError(str(exc)) from None
+        if seed_source not in SOURCES:
+            raise InputError(f"seed source {seed_source!r}: unknown; known: {', '.join(SOURCES)}")
         return GenerationRequest(
-            prompt, negative_prompt or "", steps, float(cfg_scale), sampler, seed, width, height, batch
+            prompt, negative_prompt or "", steps, float(cfg_scale), sampler, seed, width, height, batch, seed_source
         )
 
     def txt2img(
@@ -249,6 +253,7 @@ class Pipeline:
         width: int | None = None,
         height: int | None = None,
         batch: int = 1,
+        seed_source: str = DEFAULT_SOURCE,
         latents: np.ndarray | None = None,
         output_type: str = "pil",
         progress: bool = True,
@@ -262,7 +267,9 @@ class Pipeline:
         PIL images carry their infotext in ``image.info["parameters"]``. ``callback(i, latents)`` runs after
         every step.
         """
-        request = self._check(prompt, negative_prompt, steps, cfg_scale, sampler, seed, width, height, batch)
+        request = self._check(
+            prompt, negative_prompt, steps, cfg_scale, sampler, seed, width, height, batch, seed_source
+        )
         images = self._generate(request, Init(latents=latents), progress, callback)
         return images if output_type == "np" else self._with_infotext(images, request, {})
 
@@ -433,7 +440,7 @@ class Pipeline:
                     "raise the strength or the steps"
                 )
         shape = (1, LATENT_CHANNELS, request.height // 8, request.width // 8)
-        streams = [NoiseGenerator(request.seed + i) for i in range(request.batch)]
+        streams = [NoiseGenerator(request.seed + i, request.seed_source) for i in range(request.batch)]
 
         def draw() -> np.ndarray:
             return np.concatenate([stream.randn(shape) for stream in streams])
@@ -526,6 +533,8 @@ class Pipeline:
                     "Model hash": short_hash(model_hash) if model_hash else None,
                     "Model": manifest.name,
                     **extra,
+                    # A1111 writes no RNG key for its GPU default; sdlite's numpy source has no A1111 name.
+                    "RNG": A1111_RNG.get(request.seed_source, request.seed_source),
                     "Engine": self.engine_name,
                     "Compute": self.compute_precision,
                     "Version": f"sdlite {__version__}",

@@ -103,3 +103,34 @@ def test_non_square_size_not_multiple_of_64(ours):
     """Any multiple of 8 works, not only multiples of the U-Net's total downsampling."""
     image = ours.txt2img(PROMPT, steps=2, seed=1, width=72, height=40, progress=False)[0]
     assert image.size == (72, 40)
+
+
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M Karras"])
+def test_cpu_seed_source_reproduces_a_diffusers_cpu_run(sampler, reference_pipe, ours):
+    """With the `cpu` noise source, a seed means what it means to diffusers on a torch CPU generator: the
+    same initial latents and, for ancestral samplers, the same per-step noise, so whole runs match."""
+    reference_pipe.scheduler = _diffusers_scheduler(sampler, reference_pipe.scheduler.config)
+    expected = reference_pipe(
+        PROMPT,
+        negative_prompt=NEGATIVE,
+        num_inference_steps=STEPS,
+        guidance_scale=7.5,
+        height=SIZE,
+        width=SIZE,
+        generator=torch.Generator("cpu").manual_seed(SEED),
+        output_type="np",
+    ).images
+    got = ours.txt2img(
+        PROMPT,
+        negative_prompt=NEGATIVE,
+        steps=STEPS,
+        cfg_scale=7.5,
+        sampler=sampler,
+        seed=SEED,
+        width=SIZE,
+        height=SIZE,
+        seed_source="cpu",
+        output_type="np",
+        progress=False,
+    )
+    assert np.max(np.abs(got - expected)) < DECODED_ATOL
