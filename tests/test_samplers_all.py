@@ -65,6 +65,17 @@ REFERENCES: dict[str, tuple[str, dict, str | None]] = {
         "scheduling_dpmsolver_multistep",
     ),
     "DPM++ SDE": ("DPMSolverSDEScheduler", {}, None),
+    "DDPM": ("DDPMScheduler", {}, "scheduling_ddpm"),
+    "UniPC": ("UniPCMultistepScheduler", {}, None),
+    "DEIS": ("DEISMultistepScheduler", {}, None),
+    "LCM": ("LCMScheduler", {}, "scheduling_lcm"),
+    "TCD": ("TCDScheduler", {}, "scheduling_tcd"),
+}
+# The samplers tests/test_schedulers.py already checks; here only with the schedules added since.
+OLD_REFERENCES: dict[str, tuple[str, dict, str | None]] = {
+    "DDIM": ("DDIMScheduler", {}, None),
+    "PNDM": ("PNDMScheduler", {}, None),
+    "Euler a": ("EulerAncestralDiscreteScheduler", {}, "scheduling_euler_ancestral_discrete"),
 }
 
 SCHEDULE_OVERRIDES = {
@@ -75,13 +86,19 @@ SCHEDULE_OVERRIDES = {
     "sgm_uniform": {"timestep_spacing": "trailing"},
 }
 
+# Stable Diffusion's scaled_linear betas exactly as diffusers (torch.linspace in float32) computes them.
+TORCH_SD_BETAS = (torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float32) ** 2).tolist()
+
 # Which prediction types each sampler's reference supports beyond epsilon and v_prediction.
-TAKES_SAMPLE = {"Euler", "Heun", "LMS", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ 2S a"}
+TAKES_SAMPLE = {"Euler", "Heun", "LMS", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ 2S a", "DDPM", "UniPC", "DEIS", "LCM", "TCD"}
+# Samplers whose reference has only timestep spacing (no use_*_sigmas), and those with their own timesteps.
+SPACING_ONLY = {"DDPM", "DDIM", "PNDM", "Euler a"}
+OWN_TIMESTEPS = {"LCM", "TCD"}
 
 
 def reference(name: str, config: dict, schedule: str, monkeypatch):
     """The diffusers scheduler for an A1111 name and schedule."""
-    cls_name, overrides, _ = REFERENCES[name]
+    cls_name, overrides, _ = {**REFERENCES, **OLD_REFERENCES}[name]
     if name == "DPM++ SDE":
         cls = _dpmsolver_sde_module(monkeypatch).DPMSolverSDEScheduler
     else:
@@ -102,7 +119,7 @@ class NoiseFeed:
 
 def patch_reference_noise(name: str, ref, feed: NoiseFeed, monkeypatch) -> None:
     """Make the reference take its noise from ``feed`` (after set_timesteps, which resets DPM++ SDE's)."""
-    module = REFERENCES.get(name, (None, None, None))[2]
+    module = {**REFERENCES, **OLD_REFERENCES}[name][2]
     if module is not None:
         monkeypatch.setattr(getattr(diffusers.schedulers, module), "randn_tensor", feed.randn)
     if name == "DPM++ SDE":
@@ -159,7 +176,10 @@ def test_matches_diffusers(name, prediction_type, config_name, steps, monkeypatc
 
 
 SCHEDULES_BY_SAMPLER = [
-    (name, schedule) for name in DIFFUSERS_SAMPLERS for schedule in ("karras", "exponential", "beta", "sgm_uniform")
+    (name, schedule)
+    for name in [*DIFFUSERS_SAMPLERS, *OLD_REFERENCES]
+    if name not in OWN_TIMESTEPS
+    for schedule in (("sgm_uniform",) if name in SPACING_ONLY else ("karras", "exponential", "beta", "sgm_uniform"))
 ]
 
 
@@ -189,6 +209,28 @@ def test_schedules_match_diffusers(name, schedule, steps, monkeypatch):
         ("DPM++ 2M SDE", {"solver_type": "heun", "use_karras_sigmas": True}),
         ("DPM++ 2M SDE", {"final_sigmas_type": "sigma_min"}),
         ("DPM++ 2M SDE", {"trained_betas": np.linspace(1e-4, 0.02, 1000).tolist()}),
+        ("DDPM", None),
+        ("DDPM", {"variance_type": "fixed_large", "clip_sample": True, "clip_sample_range": 0.5}),
+        ("DDPM", {"variance_type": "fixed_small_log", "rescale_betas_zero_snr": True}),
+        ("UniPC", None),
+        # bh1 with a final sigma of 0 gives NaN in the reference (-inf * 0); see test_unipc_bh1_last_step.
+        ("UniPC", {"solver_type": "bh1", "final_sigmas_type": "sigma_min"}),
+        ("UniPC", {"solver_order": 3}),
+        ("UniPC", {"solver_order": 3, "use_karras_sigmas": True, "final_sigmas_type": "sigma_min"}),
+        ("UniPC", {"predict_x0": False, "final_sigmas_type": "sigma_min"}),
+        ("UniPC", {"disable_corrector": [0, 2]}),
+        ("UniPC", {"lower_order_final": False, "final_sigmas_type": "sigma_min"}),
+        ("DEIS", None),
+        # Third-order DEIS amplifies rounding in the training table: sdlite's scaled_linear betas (numpy
+        # linspace) differ from torch.linspace's by 1 ulp here and there, which grows to ~2e-5 over 20 steps.
+        # Given the same table (trained_betas) the two agree exactly; see test_deis_third_order_sd_betas.
+        ("DEIS", {"solver_order": 3, "trained_betas": TORCH_SD_BETAS}),
+        ("DEIS", {"solver_order": 3, "use_karras_sigmas": True, "trained_betas": TORCH_SD_BETAS}),
+        ("DEIS", {"solver_order": 1}),
+        ("LCM", None),
+        ("LCM", {"original_inference_steps": 25, "timestep_scaling": 5.0, "set_alpha_to_one": False}),
+        ("LCM", {"clip_sample": True}),
+        ("TCD", None),
     ],
 )
 @pytest.mark.parametrize("steps", [4, 20])
@@ -280,3 +322,43 @@ def check_dpmpp_2s_ancestral(config: dict, steps: int, schedule: str) -> float:
         assert err < RTOL, f"DPM++ 2S a call {i} (t={t}): relative error {err:.2e}"
         worst = max(worst, err)
     return worst
+
+
+def test_deis_third_order_sd_betas(monkeypatch):
+    # On SD's own config (betas from numpy, 1 ulp off torch's in places) third-order DEIS stays within 5e-5.
+    config = {**SD15, "solver_order": 3}
+    ours, ref = schedulers.create("DEIS", config), diffusers.DEISMultistepScheduler.from_config(config)
+    ours.set_timesteps(20)
+    ref.set_timesteps(20)
+    x = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
+    x_ref = torch.from_numpy(x.copy())
+    for t, t_ref in zip(ours.timesteps, ref.timesteps, strict=True):
+        x = ours.step(fake_model(x, t), t, x)
+        x_ref = ref.step(torch.from_numpy(fake_model(x_ref.numpy(), t_ref.item())), t_ref, x_ref).prev_sample
+        assert rel_err(x, x_ref) < 5e-5
+
+
+def test_unipc_noise_prediction_last_step_to_zero():
+    # With noise prediction the reference's last step to sigma = 0 computes 0 * inf (NaN); sdlite takes the
+    # limit, the data prediction from the corrected sample.
+    sched = schedulers.create("UniPC", {**SD15, "predict_x0": False})
+    sched.set_timesteps(4)
+    x = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
+    for t in sched.timesteps:
+        x = sched.step(fake_model(x, t), t, x)
+    assert np.isfinite(x).all()
+
+
+def test_unipc_bh1_last_step_to_zero():
+    # The reference's last bh1 step to sigma = 0 computes B(h) * 0 with B(h) = -inf and returns NaN; the
+    # limit h -> inf is the data prediction, which sdlite returns.
+    sched = schedulers.create("UniPC", {**SD15, "solver_type": "bh1"})
+    sched.set_timesteps(4)
+    x = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
+    for t in sched.timesteps:
+        eps = fake_model(x, t)
+        alpha_bar = float(sched.alphas_cumprod[t])
+        x0 = (x - (1 - alpha_bar) ** 0.5 * eps) / alpha_bar**0.5
+        x = sched.step(eps, t, x)
+    assert np.isfinite(x).all()
+    assert rel_err(x, x0) < RTOL

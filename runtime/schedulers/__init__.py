@@ -20,6 +20,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from .ddim import DDIMScheduler
+from .ddpm import DDPMScheduler
+from .deis import DEISScheduler
 from .dpm2 import DPM2Scheduler
 from .dpm2_ancestral import DPM2AncestralScheduler
 from .dpmpp_2m import DPMPP2MScheduler
@@ -29,11 +31,16 @@ from .dpmpp_sde import DPMPPSDEScheduler
 from .euler import EulerScheduler
 from .euler_ancestral import EulerAncestralScheduler
 from .heun import HeunScheduler
+from .lcm import LCMScheduler
 from .lms import LMSScheduler
 from .pndm import PNDMScheduler
+from .tcd import TCDScheduler
+from .unipc import UniPCScheduler
 
 __all__ = [
     "DDIMScheduler",
+    "DDPMScheduler",
+    "DEISScheduler",
     "DPM2AncestralScheduler",
     "DPM2Scheduler",
     "DPMPP2MSDEScheduler",
@@ -43,9 +50,12 @@ __all__ = [
     "EulerAncestralScheduler",
     "EulerScheduler",
     "HeunScheduler",
+    "LCMScheduler",
     "LMSScheduler",
     "PNDMScheduler",
     "Scheduler",
+    "TCDScheduler",
+    "UniPCScheduler",
     "UnknownSamplerError",
     "canonical_name",
     "canonical_schedule",
@@ -100,12 +110,16 @@ _SCHEDULE_ALIASES = {"": "automatic", "none": "automatic", "default": "automatic
 
 _SIGMA_AND_SPACING = ("automatic", "karras", "exponential", "beta", "sgm_uniform")
 _SPACING_ONLY = ("automatic", "sgm_uniform")
+# LCM and TCD take their timesteps from the distillation schedule and ignore timestep_spacing.
+_OWN_TIMESTEPS = ("automatic",)
 
 # --- samplers ----------------------------------------------------------------------------------------------
 
 # A1111 sampler name -> (factory, the schedules it can take). A factory takes a diffusers config dict.
 _SAMPLERS: dict[str, tuple[Callable[[Mapping[str, Any] | None], Scheduler], tuple[str, ...]]] = {
     "DDIM": (DDIMScheduler, _SPACING_ONLY),
+    "DDPM": (DDPMScheduler, _SPACING_ONLY),
+    "DEIS": (DEISScheduler, _SIGMA_AND_SPACING),
     "DPM++ 2M": (DPMPP2MScheduler, _SIGMA_AND_SPACING),
     "DPM++ 2M SDE": (DPMPP2MSDEScheduler, _SIGMA_AND_SPACING),
     "DPM++ 2S a": (DPMPP2SAncestralScheduler, _SIGMA_AND_SPACING),
@@ -115,8 +129,11 @@ _SAMPLERS: dict[str, tuple[Callable[[Mapping[str, Any] | None], Scheduler], tupl
     "Euler": (EulerScheduler, _SIGMA_AND_SPACING),
     "Euler a": (EulerAncestralScheduler, _SPACING_ONLY),
     "Heun": (HeunScheduler, _SIGMA_AND_SPACING),
+    "LCM": (LCMScheduler, _OWN_TIMESTEPS),
     "LMS": (LMSScheduler, _SIGMA_AND_SPACING),
     "PNDM": (PNDMScheduler, _SPACING_ONLY),
+    "TCD": (TCDScheduler, _OWN_TIMESTEPS),
+    "UniPC": (UniPCScheduler, _SIGMA_AND_SPACING),
 }
 
 # Names from before A1111 1.9 split the schedule off: they name a sampler and its schedule together.
