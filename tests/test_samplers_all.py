@@ -28,6 +28,10 @@ from test_schedulers import CONFIGS, RTOL, SD15, SHAPE, fake_model, rel_err  # n
 
 from sdlite import schedulers  # noqa: E402
 
+# diffusers applies numpy functions to torch tensors (DEIS's coefficients, Karras timesteps), which numpy 2
+# flags on every call; that is the reference's business, not ours.
+pytestmark = pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning")
+
 
 def step_err(ours: np.ndarray, ref, ref_before) -> float:
     """max|ours - ref| relative to the larger of max|ref| and max|ref_before| (see the module docstring)."""
@@ -362,3 +366,178 @@ def test_unipc_bh1_last_step_to_zero():
         x = sched.step(eps, t, x)
     assert np.isfinite(x).all()
     assert rel_err(x, x0) < RTOL
+
+
+@pytest.mark.parametrize("name", [*DIFFUSERS_SAMPLERS])
+def test_add_noise_matches_diffusers(name, monkeypatch):
+    ours, ref = schedulers.create(name, SD15), reference(name, SD15, "automatic", monkeypatch)
+    ours.set_timesteps(10)
+    ref.set_timesteps(10)
+    gen = np.random.default_rng(1)
+    original = gen.standard_normal(SHAPE).astype(np.float32)
+    noise = gen.standard_normal(SHAPE).astype(np.float32)
+    for pair in ([0, 0], [2, 4], [6, 1]):
+        t = ours.timesteps[pair]
+        got = ours.add_noise(original, noise, t)
+        want = ref.add_noise(torch.from_numpy(original), torch.from_numpy(noise), ref.timesteps[pair])
+        assert got.dtype == np.float32
+        assert rel_err(got, want) < RTOL
+
+
+# --- names, schedules, infotext --------------------------------------------------------------------------
+
+A1111_NAMES = [
+    "Euler",
+    "Euler a",
+    "Heun",
+    "LMS",
+    "LMS Karras",
+    "DPM2",
+    "DPM2 a",
+    "DPM2 Karras",
+    "DPM2 a Karras",
+    "DPM++ 2M",
+    "DPM++ 2M Karras",
+    "DPM++ 2M SDE",
+    "DPM++ 2M SDE Karras",
+    "DPM++ SDE",
+    "DPM++ SDE Karras",
+    "DPM++ 2S a",
+    "DDIM",
+    "PNDM",
+    "DDPM",
+    "UniPC",
+    "DEIS",
+    "LCM",
+    "TCD",
+]
+
+
+def test_names_are_all_a1111_names():
+    assert schedulers.names() == sorted(A1111_NAMES)
+
+
+def test_schedules():
+    assert schedulers.schedules() == ["automatic", "karras", "exponential", "beta", "sgm_uniform"]
+    assert schedulers.canonical_schedule(None) == "automatic"
+    assert schedulers.canonical_schedule("SGM Uniform") == "sgm_uniform"
+    assert schedulers.canonical_schedule("trailing") == "sgm_uniform"
+    assert schedulers.canonical_schedule(" KARRAS ") == "karras"
+
+
+@pytest.mark.parametrize("combined", ["LMS Karras", "DPM2 Karras", "DPM2 a Karras", "DPM++ 2M Karras",
+                                      "DPM++ 2M SDE Karras", "DPM++ SDE Karras"])  # fmt: skip
+def test_combined_name_equals_schedule_argument(combined):
+    base = combined.removesuffix(" Karras")
+    a, b = schedulers.create(combined, SD15), schedulers.create(base, SD15, schedule="karras")
+    c = schedulers.create(base.lower().replace(" ", "_"), SD15, schedule="Karras")
+    for sched in (a, b, c):
+        sched.set_timesteps(12)
+    np.testing.assert_array_equal(a.timesteps, b.timesteps)
+    np.testing.assert_array_equal(a.sigmas, b.sigmas)
+    np.testing.assert_array_equal(a.timesteps, c.timesteps)
+    plain = schedulers.create(base, SD15)
+    plain.set_timesteps(12)
+    assert not np.array_equal(plain.sigmas, a.sigmas)
+    # The combined name with its own schedule named again is fine.
+    schedulers.create(combined, SD15, schedule="karras")
+
+
+@pytest.mark.parametrize(
+    "name, schedule, fields",
+    [
+        ("DPM++ 2M", "karras", {"Sampler": "DPM++ 2M Karras", "Schedule type": "Karras"}),
+        ("dpm++ 2m karras", None, {"Sampler": "DPM++ 2M Karras", "Schedule type": "Karras"}),
+        ("DPM++ 2M", None, {"Sampler": "DPM++ 2M", "Schedule type": "Uniform"}),
+        ("Euler", "karras", {"Sampler": "Euler", "Schedule type": "Karras"}),
+        ("DPM++ SDE", "exponential", {"Sampler": "DPM++ SDE", "Schedule type": "Exponential"}),
+        ("UniPC", "sgm_uniform", {"Sampler": "UniPC", "Schedule type": "SGM Uniform"}),
+        ("DPM2 a", "beta", {"Sampler": "DPM2 a", "Schedule type": "Beta"}),
+        ("LCM", "automatic", {"Sampler": "LCM", "Schedule type": "Uniform"}),
+    ],
+)
+def test_infotext_fields_round_trip(name, schedule, fields):
+    assert schedulers.infotext_fields(name, schedule) == fields
+    want = (schedulers.canonical_name(name), schedulers.canonical_schedule(schedule))
+    if want[0].endswith(" Karras"):
+        want = (want[0].removesuffix(" Karras"), "karras")
+    assert schedulers.parse_infotext(fields) == want
+
+
+def test_parse_infotext_old_and_new_forms():
+    assert schedulers.parse_infotext({"Sampler": "DPM++ 2M Karras"}) == ("DPM++ 2M", "karras")
+    assert schedulers.parse_infotext({"Sampler": "DPM++ 2M", "Schedule type": "Karras"}) == ("DPM++ 2M", "karras")
+    assert schedulers.parse_infotext({"Sampler": "Euler a", "Schedule type": "Automatic"}) == ("Euler a", "automatic")
+
+
+@pytest.mark.parametrize(
+    "name, schedule, message",
+    [
+        ("DDIM", "karras", "sampler 'DDIM' cannot use schedule 'karras'; it takes: automatic, sgm_uniform"),
+        ("LCM", "sgm_uniform", "sampler 'LCM' cannot use schedule 'sgm_uniform'; it takes: automatic"),
+        ("Euler a", "exponential",
+         "sampler 'Euler a' cannot use schedule 'exponential'; it takes: automatic, sgm_uniform"),
+        ("DPM++ 2M Karras", "exponential",
+         "sampler 'DPM++ 2M Karras' already names the Karras schedule; use 'DPM++ 2M' with schedule 'exponential'"),
+        ("Euler", "polyexponential", "unknown schedule 'polyexponential'; known schedules: automatic, karras, "
+         "exponential, beta, sgm_uniform"),
+    ],
+)  # fmt: skip
+def test_invalid_combinations(name, schedule, message):
+    with pytest.raises(ValueError) as info:
+        schedulers.create(name, SD15, schedule=schedule)
+    assert str(info.value) == message
+    with pytest.raises(ValueError):
+        schedulers.infotext_fields(name, schedule)
+
+
+@pytest.mark.parametrize("name", A1111_NAMES)
+@pytest.mark.parametrize("steps", [0, -1, 2.5])
+def test_every_sampler_rejects_bad_steps(name, steps):
+    sched = schedulers.create(name, SD15)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        sched.set_timesteps(steps)
+
+
+@pytest.mark.parametrize(
+    "name, overrides, message",
+    [
+        ("LCM", {}, r"LCM: steps must be <= original_inference_steps \(50\), got 51"),
+        ("DDPM", {"num_train_timesteps": 40}, r"DDPM: steps must be <= num_train_timesteps \(40\), got 51"),
+    ],
+)
+def test_too_many_steps(name, overrides, message):
+    sched = schedulers.create(name, {**SD15, **overrides})
+    with pytest.raises(ValueError, match=message):
+        sched.set_timesteps(51)
+
+
+def test_conflicting_sigma_flags_in_config():
+    with pytest.raises(ValueError, match="only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas"):
+        schedulers.create("Euler", {**SD15, "use_karras_sigmas": True, "use_beta_sigmas": True})
+
+
+def test_lcm_runs_on_a_plain_sd_config():
+    # LCM on a model not distilled for it is allowed (the images are poor, the sampler is the same).
+    sched = schedulers.create("LCM", SD15)
+    sched.set_timesteps(4)
+    np.testing.assert_array_equal(sched.timesteps, [999, 759, 499, 259])
+    gen = np.random.default_rng(0)
+    x = gen.standard_normal(SHAPE).astype(np.float32)
+    for t in sched.timesteps:
+        x = sched.step(fake_model(x, t), t, x, noise=gen.standard_normal(SHAPE).astype(np.float32))
+    assert np.isfinite(x).all()
+
+
+@pytest.mark.parametrize("name", sorted({*A1111_NAMES} - {"DDIM", "PNDM", "Euler", "Heun", "LMS", "DPM2", "DPM++ 2M",
+                                                          "UniPC", "DEIS", "LMS Karras", "DPM2 Karras",
+                                                          "DPM++ 2M Karras"}))  # fmt: skip
+def test_stochastic_samplers_need_noise(name):
+    sched = schedulers.create(name, SD15)
+    assert sched.stochastic
+    sched.set_timesteps(4)
+    x = np.zeros(SHAPE, np.float32)
+    # Two-stage samplers use noise on a step's second call; call until one needs it.
+    with pytest.raises(ValueError, match="needs noise"):
+        for t in sched.timesteps:
+            x = sched.step(fake_model(x, t), t, x)
