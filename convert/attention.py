@@ -73,13 +73,37 @@ def set_attention(pipe, variant: str) -> None:
     pipe.vae.set_attn_processor(processor)
 
 
-def fuse_onnx_attention(graph, out_dir, num_heads: int, hidden_size: int):
+def _heads_from_reshape(fusion, reshape_q, is_torch2: bool = False) -> int:
+    """The head count of an attention layer: the third value of the shape its Q is reshaped to."""
+    import numpy as np
+
+    if is_torch2:
+        parent = fusion.model.get_parent(reshape_q, 1)
+        if parent is None or parent.op_type != "Concat" or len(parent.input) != 4:
+            return 0
+        value = fusion.model.get_constant_value(parent.input[2])
+    else:
+        value = fusion.model.get_constant_value(reshape_q.input[1])
+        value = value[2:3] if isinstance(value, np.ndarray) and value.shape == (4,) else None
+    if not isinstance(value, np.ndarray) or value.size != 1:
+        return 0
+    return max(int(value.reshape(-1)[0]), 0)
+
+
+def fuse_onnx_attention(graph, num_heads: int, hidden_size: int):
     """Fuse attention in an ONNX U-Net/VAE with onnxruntime's optimizer, keeping only CPU-capable fusions.
 
     onnxruntime's "unet" fusions include GroupNorm / NHWC-conv kernels that exist only for CUDA; those are
     turned off so the graph still runs on every execution provider."""
+    import sys
+
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
+
+    # onnxruntime 1.32's head-count detector calls int() on 1-element arrays, which numpy >= 2.4 refuses;
+    # this reads the same constant (the head axis of Q's reshape target) without that conversion. The
+    # optimizer imports its fusions as top-level modules, so that is where the class is patched.
+    sys.modules["fusion_attention_unet"].FusionAttentionUnet.get_num_heads = _heads_from_reshape
 
     options = FusionOptions("unet")
     for flag in (

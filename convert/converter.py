@@ -155,9 +155,9 @@ def convert(
             base_dir = _variant_dir(tmp, name, "fp32", precisions) if exports_onnx_fp32 else tmp / ".base" / name
             dummy = spec.dummy_inputs(pipe, trace)
             base = export_onnx(spec, module, dummy, base_dir)[0]
-            if attention == "fused" and "onnx" in formats:
-                fused = fuse_onnx_attention(base, base_dir, 0, 0)
-                save_onnx(fused, base)
+            if attention == "fused" and "onnx" in formats and name == "unet":
+                # The U-Net holds the big attention layers (the VAE's single mid-block one is left as is).
+                save_onnx(fuse_onnx_attention(base, 0, 0), base)
             progress.update()
             check_inputs = spec.dummy_inputs(pipe, check)
             reference = reference_outputs(spec, module, check_inputs) if validate else None

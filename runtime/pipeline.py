@@ -193,9 +193,11 @@ class Pipeline:
         if name not in self._engines:
             if name not in self._graphs:  # the VAE encoder: only img2img and inpainting need it
                 self._graphs[name] = self.folder.graph(name, ENGINE_FORMATS[self.engine_name], self.precision)
-            self._engines[name] = load_engine(
-                self._graphs[name], self.engine_name, self.device, self.threads, self.compute
-            )
+            # CLIP's causal mask is built from float32's lowest value times 0/1 flags; in bf16 that value
+            # rounds to -inf and 0 * -inf gives NaN. The text encoder is a tiny share of the work, so it
+            # always computes in f32.
+            compute = "f32" if name == "text_encoder" else self.compute
+            self._engines[name] = load_engine(self._graphs[name], self.engine_name, self.device, self.threads, compute)
         return self._engines[name]
 
     def _done_with(self, name: str) -> None:
