@@ -113,6 +113,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         height=height,
         batch=args.batch,
         seed_source=args.seed_source,
+        schedule=args.schedule,
         progress=not args.quiet,
     )
     images = _mode_call(args, pipe, common)
@@ -148,6 +149,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     )
     if not args.quiet:
         print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_samplers(args: argparse.Namespace) -> int:
+    """List the sampler names and schedules sdlite accepts."""
+    from sdlite import schedulers
+
+    print("samplers:  " + ", ".join(schedulers.names()))
+    print("schedules: " + ", ".join(schedulers.schedules()))
     return 0
 
 
@@ -193,7 +203,10 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-n", "--negative", default="", help="negative prompt")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
-    parser.add_argument("--sampler", help="A1111 sampler name (default: the model's own scheduler)")
+    parser.add_argument(
+        "--sampler", help="A1111 sampler name (default: the model's own scheduler); see `sdlite samplers`"
+    )
+    parser.add_argument("--schedule", help="sigma schedule: automatic, karras, exponential, beta, sgm_uniform")
     parser.add_argument("--seed", type=int, default=-1, help="-1 picks a random seed")
     parser.add_argument(
         "--seed-source", default="cpu", help="cpu (torch CPU / diffusers / A1111 'CPU'), nv (A1111 'NV') or numpy"
@@ -256,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--no-validate", action="store_true")
     conv.add_argument("--quiet", action="store_true")
     conv.set_defaults(func=cmd_convert)
+
+    sub.add_parser("samplers", help="list sampler and schedule names").set_defaults(func=cmd_samplers)
 
     info = sub.add_parser("info", help="what a converted-model folder holds")
     info.add_argument("model")

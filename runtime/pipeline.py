@@ -36,8 +36,19 @@ MAX_SEED = 2**64 - 1
 _DEFAULT_SAMPLERS = {
     "PNDMScheduler": "PNDM",
     "DDIMScheduler": "DDIM",
+    "DDPMScheduler": "DDPM",
+    "EulerDiscreteScheduler": "Euler",
     "EulerAncestralDiscreteScheduler": "Euler a",
-    "DPMSolverMultistepScheduler": "DPM++ 2M Karras",
+    "HeunDiscreteScheduler": "Heun",
+    "LMSDiscreteScheduler": "LMS",
+    "KDPM2DiscreteScheduler": "DPM2",
+    "KDPM2AncestralDiscreteScheduler": "DPM2 a",
+    "DPMSolverMultistepScheduler": "DPM++ 2M",
+    "DPMSolverSDEScheduler": "DPM++ SDE",
+    "UniPCMultistepScheduler": "UniPC",
+    "DEISMultistepScheduler": "DEIS",
+    "LCMScheduler": "LCM",
+    "TCDScheduler": "TCD",
 }
 
 
@@ -55,6 +66,7 @@ class GenerationRequest:
     height: int
     batch: int
     seed_source: str = DEFAULT_SOURCE
+    schedule: str | None = None
 
 
 @dataclass(frozen=True)
@@ -221,6 +233,7 @@ class Pipeline:
         height: int | None = None,
         batch: int = 1,
         seed_source: str = DEFAULT_SOURCE,
+        schedule: str | None = None,
     ) -> GenerationRequest:
         width = width or self.default_size[0]
         height = height or self.default_size[1]
@@ -235,13 +248,24 @@ class Pipeline:
             raise InputError(f"seed {seed}: must be at most 2**64-1")
         try:
             sampler = schedulers.canonical_name(sampler or self.default_sampler)
-            schedulers.create(sampler, self.folder.scheduler_config)  # fails early on an unsupported config
+            # Fails early on an unknown schedule, a schedule the sampler cannot take, or 0 steps.
+            schedulers.create(sampler, self.folder.scheduler_config, schedule).set_timesteps(steps)
         except ValueError as exc:
             raise InputError(str(exc)) from None
         if seed_source not in SOURCES:
             raise InputError(f"seed source {seed_source!r}: unknown; known: {', '.join(SOURCES)}")
         return GenerationRequest(
-            prompt, negative_prompt or "", steps, float(cfg_scale), sampler, seed, width, height, batch, seed_source
+            prompt,
+            negative_prompt or "",
+            steps,
+            float(cfg_scale),
+            sampler,
+            seed,
+            width,
+            height,
+            batch,
+            seed_source,
+            schedule,
         )
 
     def txt2img(
@@ -256,6 +280,7 @@ class Pipeline:
         height: int | None = None,
         batch: int = 1,
         seed_source: str = DEFAULT_SOURCE,
+        schedule: str | None = None,
         latents: np.ndarray | None = None,
         output_type: str = "pil",
         progress: bool = True,
@@ -270,7 +295,7 @@ class Pipeline:
         every step.
         """
         request = self._check(
-            prompt, negative_prompt, steps, cfg_scale, sampler, seed, width, height, batch, seed_source
+            prompt, negative_prompt, steps, cfg_scale, sampler, seed, width, height, batch, seed_source, schedule
         )
         images = self._generate(request, Init(latents=latents), progress, callback)
         return images if output_type == "np" else self._with_infotext(images, request, {})
@@ -429,7 +454,7 @@ class Pipeline:
 
         Noise is drawn per image from that image's seed, in the order diffusers' pipelines draw it (VAE
         posterior sample, then the initial noise, then per-step noise), so runs can be compared with them."""
-        scheduler = schedulers.create(request.sampler, self.folder.scheduler_config)
+        scheduler = schedulers.create(request.sampler, self.folder.scheduler_config, request.schedule)
         scheduler.set_timesteps(request.steps)
         timesteps = np.asarray(scheduler.timesteps)
         if init.pixels is not None and init.strength < 1.0:
@@ -528,7 +553,8 @@ class Pipeline:
                 request.negative_prompt,
                 {
                     "Steps": request.steps,
-                    "Sampler": request.sampler,
+                    # Both forms: "Sampler: DPM++ 2M Karras" (old readers) and "Schedule type" (A1111 1.9+).
+                    **schedulers.infotext_fields(request.sampler, request.schedule),
                     "CFG scale": request.cfg_scale,
                     "Seed": request.seed + i,
                     "Size": size or f"{request.width}x{request.height}",

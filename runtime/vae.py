@@ -13,9 +13,10 @@ from sdlite.tiling import run_tiled
 
 TILING_MODES = ("auto", "on", "off")
 LATENT_FACTOR = 8
-# Decoder working set per output pixel, measured on SD 1.5's VAE with onnxruntime (see README, "Tiled VAE"):
+# Decoder working set per output pixel, measured on SD 1.5's VAE with onnxruntime (3.46 GB for one
+# 1024x1024 decode; benchmarks/vae_tiling.py):
 # the last up-block holds several 128-channel fp32 maps at full resolution.
-DECODER_BYTES_PER_PIXEL = 2600
+DECODER_BYTES_PER_PIXEL = 3300
 # log-variance clamp of the diagonal Gaussian posterior (diffusers' DiagonalGaussianDistribution).
 _LOGVAR_RANGE = (-30.0, 20.0)
 
@@ -44,8 +45,8 @@ class Vae:
         scaling_factor: float,
         tiling: str = "auto",
         budget_bytes: int | None = None,
-        tile_latent: int = 64,
-        overlap_latent: int = 16,
+        tile_latent: int = 32,
+        overlap_latent: int = 8,
     ):
         if tiling not in TILING_MODES:
             raise InputError(f"--vae-tiling {tiling}: unknown; known: {', '.join(TILING_MODES)}")
