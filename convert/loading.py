@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdlite.convert.checkpoint_file import PICKLE_SUFFIXES, read_state_dict
 from sdlite.errors import InputError, summarize
 from sdlite.hashing import sha256_file
 
-PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 _WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
@@ -47,6 +47,17 @@ def _load_folder(folder: Path):
         raise InputError(f"{folder}: could not be loaded as a diffusers pipeline ({summarize(exc)})") from None
 
 
+def _load_single_file(path: Path, allow_pickle: bool):
+    """A checkpoint in one file (A1111 / model-site layout), read safely and converted without the hub."""
+    state = read_state_dict(path, allow_pickle=allow_pickle)
+    from diffusers import StableDiffusionPipeline
+
+    del state  # checked and readable; the offline conversion replaces from_single_file below
+    return StableDiffusionPipeline.from_single_file(
+        str(path), torch_dtype=_float32(), safety_checker=None, requires_safety_checker=False
+    )
+
+
 def _check_supported(pipe, source: str) -> None:
     missing = [
         name for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if getattr(pipe, name, None) is None
@@ -81,19 +92,9 @@ def load_checkpoint(source: str, allow_pickle: bool = False) -> LoadedCheckpoint
         sha = sha256_file(weights) if weights else None
         name = path.resolve().name
     elif path.is_file():
-        suffix = path.suffix.lower()
-        if suffix in PICKLE_SUFFIXES and not allow_pickle:
-            raise InputError(
-                f"{path}: pickle checkpoints can run code when loaded; convert a .safetensors "
-                "file instead, or pass --allow-pickle if you trust this file"
-            )
-        if suffix not in PICKLE_SUFFIXES | {".safetensors"}:
+        if path.suffix.lower() not in PICKLE_SUFFIXES | {".safetensors"}:
             raise InputError(f"{path}: expected a diffusers folder, a .safetensors file or a hub id")
-        from diffusers import StableDiffusionPipeline
-
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(path), torch_dtype=_float32(), safety_checker=None, requires_safety_checker=False
-        )
+        pipe = _load_single_file(path, allow_pickle)
         sha = sha256_file(path)
         name = path.stem
     elif source.count("/") == 1 and not source.startswith((".", "/")):
