@@ -132,6 +132,44 @@ def contact_sheet(images: list[Image.Image], prompts: list[Attributes], verdicts
     sheet.save(path)
 
 
+GRID_PROMPTS: tuple[str, ...] = (
+    "a red circle on a blue background",
+    "a small green triangle on a yellow background, top left",
+    "a large white square on a black background",
+    "a purple circle on a green background",
+    "a small orange square on a green background, bottom right",
+    "a yellow triangle on a purple background",
+    "a large blue circle on a white background, top right",
+    "a black triangle on a red background",
+    "a small red square on a yellow background, center",
+    "a green circle on a purple background",
+    "a white triangle on a blue background, bottom left",
+    "a small blue square on a red background, top left",
+)
+
+
+def make_grid(pipe, path: Path, steps: int = 20, cfg: float = 7.5, seed: int = 1, cols: int = 4) -> None:
+    """Save the README's grid: generated images (2x, nearest) with their prompts underneath.
+
+    Uses ``txt2img`` itself, exactly what ``sdlite generate PROMPT --seed SEED`` gives."""
+    cell_w, img_side, text_h = 150, 128, 30
+    rows = (len(GRID_PROMPTS) + cols - 1) // cols
+    sheet = Image.new("RGB", (cols * cell_w, rows * (img_side + text_h + 6)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, prompt in enumerate(GRID_PROMPTS):
+        image = pipe.txt2img(prompt, steps=steps, cfg_scale=cfg, seed=seed, progress=False)[0]
+        x = (i % cols) * cell_w + (cell_w - img_side) // 2
+        y = (i // cols) * (img_side + text_h + 6)
+        sheet.paste(image.resize((img_side, img_side), Image.NEAREST), (x, y + 3))
+        words, lines = prompt.split(), [""]
+        for word in words:  # wrap to the cell width (Pillow's default font is ~6 px per character)
+            if len(lines[-1]) + len(word) + 1 > cell_w // 6:
+                lines.append("")
+            lines[-1] = f"{lines[-1]} {word}".strip()
+        draw.multiline_text(((i % cols) * cell_w + 3, y + img_side + 4), "\n".join(lines[:3]), fill="black", spacing=0)
+    sheet.save(path, optimize=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the evaluation and print the tables."""
     from sdlite import Pipeline, schedulers
@@ -144,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cfg", type=float, default=7.5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grid", help="also save the README grid (12 prompts with captions) here")
     parser.add_argument("--sheet", help="save a contact sheet of the default sampler's first images here")
     args = parser.parse_args(argv)
 
@@ -170,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.steps} steps, CFG {args.cfg}, seeds {args.seed}..{args.seed + len(prompts) - 1}"
     )
     print()
+    if args.grid:
+        make_grid(pipe, Path(args.grid), args.steps, args.cfg)
     print(*HEADER, sep="\n")
     for name in names:
         started = time.perf_counter()
