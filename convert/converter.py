@@ -6,14 +6,17 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 from tqdm.auto import tqdm
 
+from sdlite.conditioning import FINAL_NORM_FILE
 from sdlite.convert.atomic import atomic_output_dir
 from sdlite.convert.attention import ATTENTION_VARIANTS, fuse_onnx_attention, set_attention
 from sdlite.convert.calibration import calibration_inputs
 from sdlite.convert.loading import load_checkpoint, quiet_diffusers
+from sdlite.convert.lora import LoraSpec, fuse_loras
 from sdlite.convert.onnx_export import export_onnx, files_of, save_onnx
-from sdlite.convert.parts import PARTS, trace_size, vae_scale_factor, validation_size
+from sdlite.convert.parts import final_layer_norm, part_spec, trace_size, vae_scale_factor, validation_size
 from sdlite.convert.validate import ValidationError, reference_outputs, validate_graph
 from sdlite.convert.variants import FORMATS, PRECISIONS, derive
 from sdlite.errors import InputError
@@ -106,12 +109,14 @@ def convert(
     allow_pickle: bool = False,
     quiet: bool = False,
     overwrite: bool = False,
+    loras: list[LoraSpec] | None = None,
 ) -> Manifest:
     """Export every part of ``source`` to ``out`` in each format and precision, validating each against
     PyTorch.
 
     The folder appears at ``out`` only once complete: it is built in a temporary sibling and renamed.
     Raises ``ValidationError`` (after checking every variant) when an export is out of tolerance.
+    ``loras`` are fused into the U-Net and text encoder weights first (see ``sdlite.convert.lora``).
     """
     formats, precisions = formats or ["onnx"], precisions or ["fp32"]
     _check_choice("format", formats, FORMATS)
@@ -127,8 +132,12 @@ def convert(
 
     if quiet:
         quiet_diffusers()
+    missing = [str(spec.path) for spec in loras or [] if not spec.path.is_file()]
+    if missing:
+        raise InputError(f"--lora {missing[0]}: file not found")
     loaded = load_checkpoint(source, allow_pickle=allow_pickle)
     pipe = loaded.pipe
+    lora_records = fuse_loras(pipe, loras or [], allow_pickle=allow_pickle)
     factor = vae_scale_factor(pipe)
     manifest = Manifest(
         family=_family(pipe),
@@ -137,6 +146,7 @@ def convert(
         vae_scaling_factor=float(pipe.vae.config.scaling_factor),
         default_size=(pipe.unet.config.sample_size * factor,) * 2,
         source_sha256=loaded.sha256,
+        loras=lora_records,
     )
     calibration = calibration_inputs(pipe, quiet) if "w8a8" in precisions else None
     set_attention(pipe, attention)
@@ -148,7 +158,7 @@ def convert(
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         progress = tqdm(total=len(COMPONENTS) * (1 + len(jobs)), desc="convert", unit="step", disable=quiet)
         for name in COMPONENTS:
-            spec = PARTS[name]
+            spec = part_spec(name, pipe)
             module = spec.wrap(pipe)
             progress.set_postfix_str(f"{name} onnx export")
             exports_onnx_fp32 = "onnx" in formats and "fp32" in precisions
@@ -178,6 +188,12 @@ def convert(
                     files = derive(
                         fmt, part_precision, source_graph, target_dir, calibration if name == "unet" else None
                     )
+                if name == "text_encoder":
+                    # Clip skip applies the final layer norm to an earlier layer at run time (see
+                    # sdlite.conditioning); each variant folder gets its own copy so it stands alone.
+                    norm_file = files[0].parent / FINAL_NORM_FILE
+                    np.savez(norm_file, **final_layer_norm(pipe))
+                    files = [*files, norm_file]
                 validation = None
                 if validate:
                     result = validate_graph(

@@ -114,6 +114,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         batch=args.batch,
         seed_source=args.seed_source,
         schedule=args.schedule,
+        clip_skip=args.clip_skip,
         progress=not args.quiet,
     )
     images = _mode_call(args, pipe, common)
@@ -134,8 +135,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise InputError(
             f"sdlite convert needs the convert extra: pip install 'sdlite[convert]' ({exc.name} is missing)"
         ) from None
-    if args.size or args.lora:
-        raise InputError("--size and --lora are not supported yet by this version of sdlite convert")
+    if args.size:
+        raise InputError("--size is not supported yet by this version of sdlite convert")
+    from sdlite.convert.lora import LoraSpec
+
     formats = ["onnx", "openvino"] if args.format == "both" else args.format.split(",")
     convert(
         args.source,
@@ -146,6 +149,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         validate=not args.no_validate,
         allow_pickle=args.allow_pickle,
         quiet=args.quiet,
+        loras=[LoraSpec.parse(text) for text in args.lora],
     )
     if not args.quiet:
         print(f"wrote {args.out}")
@@ -209,6 +213,9 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schedule", help="sigma schedule: automatic, karras, exponential, beta, sgm_uniform")
     parser.add_argument("--seed", type=int, default=-1, help="-1 picks a random seed")
     parser.add_argument(
+        "--clip-skip", type=int, default=1, metavar="N", help="condition on the text encoder's N-th last layer"
+    )
+    parser.add_argument(
         "--seed-source", default="cpu", help="cpu (torch CPU / diffusers / A1111 'CPU'), nv (A1111 'NV') or numpy"
     )
     parser.add_argument("--size", type=parse_size, help="WIDTHxHEIGHT, multiples of 8 (default: the model's)")
@@ -264,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--precision", default="fp32", help="comma-separated: fp32, fp16, int8, w8a8 (OpenVINO)")
     conv.add_argument("--attention", default="plain", help="plain, sliced (one head at a time) or fused")
     conv.add_argument("--size", type=parse_size)
-    conv.add_argument("--lora", action="append", default=[])
+    conv.add_argument(
+        "--lora", action="append", default=[], metavar="FILE[:WEIGHT]", help="fuse a LoRA (repeatable; weight 1)"
+    )
     conv.add_argument("--allow-pickle", action="store_true", help="load a pickled .ckpt you trust")
     conv.add_argument("--no-validate", action="store_true")
     conv.add_argument("--quiet", action="store_true")

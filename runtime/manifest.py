@@ -43,6 +43,9 @@ class Manifest:
     default_size: tuple[int, int]
     source_sha256: str | None = None
     components: dict[str, list[Variant]] = field(default_factory=dict)
+    # LoRAs fused into the weights at conversion, in order: name, sha256 (whole file), a1111_hash (sha256
+    # of the tensor bytes, as A1111's "Lora hashes" infotext key uses), weight, layers.
+    loras: list[dict] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> dict:
@@ -63,8 +66,17 @@ class Manifest:
             default_size=tuple(data["default_size"]),
             source_sha256=data.get("source_sha256"),
             components=components,
+            loras=list(data.get("loras", [])),
             format_version=int(data.get("format_version", FORMAT_VERSION)),
         )
+
+    def lora_hashes(self) -> str | None:
+        """A1111's ``Lora hashes`` infotext value (``name: <12 hex>, ...``), or None without LoRAs."""
+        if not self.loras:
+            return None
+        # A1111 strips ":" and "," from the names so that the list stays parseable.
+        names = [str(lora["name"]).replace(":", "").replace(",", "") for lora in self.loras]
+        return ", ".join(f"{name}: {lora['a1111_hash'][:12]}" for name, lora in zip(names, self.loras, strict=True))
 
     def write(self, folder: Path) -> None:
         """Write ``sdlite.json`` into ``folder`` atomically."""

@@ -16,6 +16,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from sdlite import __version__, schedulers
+from sdlite.conditioning import TextConditioner, check_clip_skip
 from sdlite.engines import ENGINE_FORMATS, Engine, check_engine, load_engine
 from sdlite.errors import InputError
 from sdlite.hashing import short_hash
@@ -67,6 +68,7 @@ class GenerationRequest:
     batch: int
     seed_source: str = DEFAULT_SOURCE
     schedule: str | None = None
+    clip_skip: int = 1
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,7 @@ class Pipeline:
             name: folder.graph(name, ENGINE_FORMATS[engine], precision)
             for name in ("text_encoder", "unet", "vae_decoder")
         }
+        self.conditioner = TextConditioner(self.tokenizer, self._graphs["text_encoder"])
         self.vae = Vae(
             self._engine,
             folder.manifest.vae_scaling_factor,
@@ -216,10 +219,12 @@ class Pipeline:
         if self.low_memory and name in self._engines:
             self._engines.pop(name).release()
 
-    def encode_prompt(self, prompts: list[str]) -> np.ndarray:
-        """Token ids -> the text encoder's last hidden state, (len(prompts), 77, width)."""
-        ids = self.tokenizer(prompts)
-        return self._engine("text_encoder").run({"input_ids": ids})["last_hidden_state"].astype(np.float32)
+    def encode_prompt(self, prompts: list[str], clip_skip: int = 1) -> np.ndarray:
+        """Prompts in AUTOMATIC1111's syntax (emphasis, BREAK, any length) -> the U-Net's context,
+        (len(prompts), 77 * chunks, width), every prompt padded to the same number of chunks. ``clip_skip``
+        N > 1 takes the text encoder's N-th layer from the end (see ``sdlite.conditioning``)."""
+        encoder = self._engine("text_encoder")
+        return self.conditioner.encode(prompts, lambda ids: encoder.run({"input_ids": ids}), clip_skip)
 
     def _check(
         self,
@@ -234,6 +239,7 @@ class Pipeline:
         batch: int = 1,
         seed_source: str = DEFAULT_SOURCE,
         schedule: str | None = None,
+        clip_skip: int = 1,
     ) -> GenerationRequest:
         width = width or self.default_size[0]
         height = height or self.default_size[1]
@@ -254,6 +260,7 @@ class Pipeline:
             raise InputError(str(exc)) from None
         if seed_source not in SOURCES:
             raise InputError(f"seed source {seed_source!r}: unknown; known: {', '.join(SOURCES)}")
+        check_clip_skip(clip_skip)
         return GenerationRequest(
             prompt,
             negative_prompt or "",
@@ -266,6 +273,7 @@ class Pipeline:
             batch,
             seed_source,
             schedule,
+            int(clip_skip),
         )
 
     def txt2img(
@@ -281,6 +289,7 @@ class Pipeline:
         batch: int = 1,
         seed_source: str = DEFAULT_SOURCE,
         schedule: str | None = None,
+        clip_skip: int = 1,
         latents: np.ndarray | None = None,
         output_type: str = "pil",
         progress: bool = True,
@@ -292,10 +301,22 @@ class Pipeline:
         alone. ``latents``, when given, replaces the initial noise (shape (batch, 4, height/8, width/8)).
         ``output_type="np"`` returns the decoded float images (batch, H, W, 3) in 0..1 instead of PIL images;
         PIL images carry their infotext in ``image.info["parameters"]``. ``callback(i, latents)`` runs after
-        every step.
+        every step. Prompts take AUTOMATIC1111's syntax (``(word:1.2)``, ``[word]``, ``BREAK``, any length);
+        ``clip_skip`` 2 conditions on the text encoder's penultimate layer, as A1111's "Clip skip".
         """
         request = self._check(
-            prompt, negative_prompt, steps, cfg_scale, sampler, seed, width, height, batch, seed_source, schedule
+            prompt,
+            negative_prompt,
+            steps,
+            cfg_scale,
+            sampler,
+            seed,
+            width,
+            height,
+            batch,
+            seed_source,
+            schedule,
+            clip_skip,
         )
         images = self._generate(request, Init(latents=latents), progress, callback)
         return images if output_type == "np" else self._with_infotext(images, request, {})
@@ -474,7 +495,7 @@ class Pipeline:
 
         guided = request.cfg_scale > 1.0  # diffusers skips the unconditional pass when cfg <= 1
         prompts = [request.negative_prompt, request.prompt] if guided else [request.prompt]
-        context = np.repeat(self.encode_prompt(prompts), request.batch, axis=0)
+        context = np.repeat(self.encode_prompt(prompts, request.clip_skip), request.batch, axis=0)
         self._done_with("text_encoder")
 
         in_channels = self.folder.unet_in_channels
@@ -560,7 +581,11 @@ class Pipeline:
                     "Size": size or f"{request.width}x{request.height}",
                     "Model hash": short_hash(model_hash) if model_hash else None,
                     "Model": manifest.name,
+                    # A1111 writes the hashes of the LoRAs it applied; here they were fused at conversion.
+                    "Lora hashes": manifest.lora_hashes(),
                     **extra,
+                    # A1111 writes the key only when the setting is off its default.
+                    "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
                     # A1111 writes no RNG key for its GPU default; sdlite's numpy source has no A1111 name.
                     "RNG": A1111_RNG.get(request.seed_source, request.seed_source),
                     "Engine": self.engine_name,
