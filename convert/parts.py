@@ -6,9 +6,11 @@ so folders written here load in optimum's pipelines and optimum's folders run in
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 # Opset 17 has LayerNormalization as one op (fused by onnxruntime and OpenVINO); every runtime sdlite
@@ -44,8 +46,10 @@ class _TextEncoder(torch.nn.Module):
         self.text_encoder = text_encoder
 
     def forward(self, input_ids):
-        out = self.text_encoder(input_ids, return_dict=True)
-        return out.last_hidden_state, out.pooler_output
+        # Every layer's hidden state as well, named as optimum names them when config.output_hidden_states
+        # is set, so that clip skip can read layer -N; the pair optimum's pipelines read stays first.
+        out = self.text_encoder(input_ids, output_hidden_states=True, return_dict=True)
+        return out.last_hidden_state, out.pooler_output, *out.hidden_states
 
 
 class _UNet(torch.nn.Module):
@@ -157,6 +161,28 @@ PARTS: dict[str, PartSpec] = {
         dummy_inputs=_latents,
     ),
 }
+
+
+def part_spec(name: str, pipe) -> PartSpec:
+    """``PARTS[name]`` completed for ``pipe``: the text encoder's outputs gain ``hidden_states.0`` (the
+    embeddings) to ``hidden_states.N`` (the last layer, before the final layer norm), N = its layer count."""
+    spec = PARTS[name]
+    if name != "text_encoder":
+        return spec
+    layers = pipe.text_encoder.config.num_hidden_layers
+    hidden = {f"hidden_states.{i}": {0: "batch_size", 1: "sequence_length"} for i in range(layers + 1)}
+    return dataclasses.replace(spec, outputs={**spec.outputs, **hidden})
+
+
+def final_layer_norm(pipe) -> dict[str, np.ndarray]:
+    """The text encoder's final LayerNorm (weight, bias, eps), which clip skip applies to an earlier layer's
+    hidden state; the runtime reads it from ``sdlite.conditioning.FINAL_NORM_FILE`` next to the text encoder's graph."""
+    norm = pipe.text_encoder.text_model.final_layer_norm
+    return {
+        "weight": norm.weight.detach().float().numpy(),
+        "bias": norm.bias.detach().float().numpy(),
+        "eps": np.asarray(norm.eps, dtype=np.float64),
+    }
 
 
 def trace_size(pipe) -> ExportSize:

@@ -1,0 +1,126 @@
+"""Prompts to the U-Net's ``encoder_hidden_states``, as AUTOMATIC1111 computes them.
+
+Each prompt becomes 77-token chunks (``sdlite.prompts``); all chunks of all prompts go through the text
+encoder as one batch; "clip skip" picks an earlier layer's hidden state; emphasis weights are applied per
+chunk; each prompt's chunks are concatenated along the token axis. Prompts with fewer chunks than the
+longest are padded with the empty prompt's chunk, so that the unconditional and conditional contexts of
+classifier-free guidance have the same length and run as one U-Net batch.
+
+Clip skip N (A1111's "Clip skip", ``CLIP_stop_at_last_layers``): N = 1 is the text encoder's output; N > 1
+takes the hidden state N - 1 layers before the last and passes it through the encoder's final LayerNorm,
+as A1111 does. The exported graph gives every layer's hidden state (outputs ``hidden_states.0`` ..
+``hidden_states.L``, optimum's names), but the final LayerNorm is applied inside the graph only to the
+last layer; its weights sit next to the graph in ``FINAL_NORM_FILE`` and numpy applies it. A separate
+graph, or one normed output per layer, would cost an export for a 2 x width affine map.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from sdlite.errors import InputError
+from sdlite.prompts import Chunk, prompt_chunks
+from sdlite.tokenizer import CLIPTokenizer
+
+__all__ = ["FINAL_NORM_FILE", "TextConditioner", "apply_emphasis", "check_clip_skip", "layer_norm"]
+
+# Written by ``sdlite convert`` next to each text encoder graph: arrays weight, bias and eps.
+FINAL_NORM_FILE = "final_layer_norm.npz"
+_HIDDEN_PREFIX = "hidden_states."
+
+
+def apply_emphasis(hidden: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """A1111's "Original" emphasis on one chunk: scale token ``i``'s hidden state by ``weights[i]``, then
+    rescale so that the mean of the whole chunk is what it was. ``hidden`` is (77, width), ``weights`` (77,)."""
+    weights = np.asarray(weights, dtype=np.float32)
+    if np.all(weights == 1.0):
+        return hidden  # the rescale would be x * (m / m): skipped, so plain prompts stay bit-exact
+    original_mean = hidden.mean(dtype=np.float32)
+    weighted = hidden * weights[:, None]
+    return (weighted * (original_mean / weighted.mean(dtype=np.float32))).astype(np.float32)
+
+
+def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
+    """LayerNorm over the last axis (Ba et al. 2016), as ``torch.nn.LayerNorm`` computes it (biased variance)."""
+    x = x.astype(np.float32)
+    mean = x.mean(axis=-1, keepdims=True)
+    var = np.square(x - mean).mean(axis=-1, keepdims=True)
+    return ((x - mean) / np.sqrt(var + np.float32(eps)) * weight + bias).astype(np.float32)
+
+
+class TextConditioner:
+    """Builds chunks with ``tokenizer`` and turns the outputs of the text encoder at ``graph`` into context."""
+
+    def __init__(self, tokenizer: CLIPTokenizer, graph: Path):
+        self.tokenizer = tokenizer
+        self.graph = graph
+        comma = tokenizer.tokenize(",")
+        self._comma = comma[0] if len(comma) == 1 else None
+        self._norm: dict[str, np.ndarray] | None = None
+
+    def chunks(self, prompt: str) -> list[Chunk]:
+        """``prompt``'s chunks (at least one)."""
+        tok = self.tokenizer
+        return prompt_chunks(
+            prompt,
+            tok.tokenize,
+            tok.bos_token_id,
+            tok.eos_token_id,
+            tok.pad_token_id,
+            self._comma,
+            chunk_tokens=tok.model_max_length - 2,
+        )
+
+    def encode(
+        self, prompts: list[str], run: Callable[[np.ndarray], dict[str, np.ndarray]], clip_skip: int = 1
+    ) -> np.ndarray:
+        """Context for each prompt, (len(prompts), 77 * chunks, width); ``run`` runs the text encoder on
+        input ids (batch, 77) and returns its outputs by name."""
+        check_clip_skip(clip_skip)
+        per_prompt = [self.chunks(prompt) for prompt in prompts]
+        count = max(len(chunks) for chunks in per_prompt)
+        empty = self.chunks("")[0]
+        rows = [chunk for chunks in per_prompt for chunk in chunks + [empty] * (count - len(chunks))]
+        ids = np.array([chunk.ids for chunk in rows], dtype=np.int64)
+        hidden = self._layer(run(ids), clip_skip)  # (prompts * chunks, 77, width)
+        hidden = np.stack([apply_emphasis(h, chunk.weights) for h, chunk in zip(hidden, rows, strict=True)])
+        return hidden.reshape(len(prompts), count * ids.shape[1], hidden.shape[-1]).astype(np.float32)
+
+    def _layer(self, outputs: dict[str, np.ndarray], clip_skip: int) -> np.ndarray:
+        """The hidden state clip skip selects: the output for 1, else layer -clip_skip after the final norm."""
+        if clip_skip == 1:
+            return outputs["last_hidden_state"].astype(np.float32)
+        indices = [int(name[len(_HIDDEN_PREFIX) :]) for name in outputs if name.startswith(_HIDDEN_PREFIX)]
+        if not indices:
+            raise InputError(
+                f"clip skip {clip_skip}: the text encoder {self.graph} has no hidden_states outputs; "
+                "convert the model with `sdlite convert` to use clip skip, or use clip skip 1"
+            )
+        layers = max(indices)  # hidden_states.0 is the embeddings, hidden_states.L the last layer
+        if clip_skip > layers:
+            raise InputError(f"clip skip {clip_skip}: the text encoder has {layers} layers; use 1 to {layers}")
+        # transformers' hidden_states[-clip_skip] of L + 1 states.
+        hidden = outputs[f"{_HIDDEN_PREFIX}{layers + 1 - clip_skip}"]
+        norm = self._final_norm()
+        return layer_norm(hidden, norm["weight"], norm["bias"], float(norm["eps"]))
+
+    def _final_norm(self) -> dict[str, np.ndarray]:
+        if self._norm is None:
+            path = self.graph.parent / FINAL_NORM_FILE
+            if not path.is_file():
+                raise InputError(
+                    f"clip skip needs the text encoder's final layer norm in {path}, which `sdlite convert` "
+                    "writes; convert the model with sdlite, or use clip skip 1"
+                )
+            with np.load(path, allow_pickle=False) as data:
+                self._norm = {key: np.asarray(data[key]) for key in ("weight", "bias", "eps")}
+        return self._norm
+
+
+def check_clip_skip(clip_skip: int) -> None:
+    """Clip skip counts layers from the last: 1 (the output) or more."""
+    if isinstance(clip_skip, bool) or not isinstance(clip_skip, (int, np.integer)) or clip_skip < 1:
+        raise InputError(f"clip skip {clip_skip!r}: must be a whole number of at least 1 (1 = last layer)")
