@@ -14,7 +14,8 @@ from sdlite.cli import main
 from sdlite.manifest import COMPONENTS
 
 EXPECTED_IO = {
-    "text_encoder": (["input_ids"], ["last_hidden_state", "pooler_output"]),
+    # optimum's pair first, then every layer's hidden state for clip skip (the tiny encoder has 2 layers).
+    "text_encoder": (["input_ids"], ["last_hidden_state", "pooler_output", *(f"hidden_states.{i}" for i in range(3))]),
     "unet": (["sample", "timestep", "encoder_hidden_states"], ["out_sample"]),
     "vae_encoder": (["sample"], ["latent_parameters"]),
     "vae_decoder": (["latent_sample"], ["sample"]),
@@ -44,6 +45,7 @@ def test_folder_layout_and_manifest(tiny_onnx):
         assert [i.name for i in graph.graph.input] == inputs
         assert [o.name for o in graph.graph.output] == outputs
         assert (tiny_onnx / part / "config.json").is_file()
+    assert "text_encoder/final_layer_norm.npz" in manifest["components"]["text_encoder"][0]["files"]
 
 
 def test_existing_output_is_refused(tiny_diffusers, tiny_onnx, capsys):
