@@ -49,13 +49,12 @@ def _load_folder(folder: Path):
 
 def _load_single_file(path: Path, allow_pickle: bool):
     """A checkpoint in one file (A1111 / model-site layout), read safely and converted without the hub."""
-    state = read_state_dict(path, allow_pickle=allow_pickle)
-    from diffusers import StableDiffusionPipeline
+    from sdlite.convert.checkpoint_file import read_safetensors_header
+    from sdlite.convert.single_file import pipeline_from_ldm
 
-    del state  # checked and readable; the offline conversion replaces from_single_file below
-    return StableDiffusionPipeline.from_single_file(
-        str(path), torch_dtype=_float32(), safety_checker=None, requires_safety_checker=False
-    )
+    state = read_state_dict(path, allow_pickle=allow_pickle)
+    metadata = read_safetensors_header(path).get("__metadata__") if path.suffix.lower() == ".safetensors" else None
+    return pipeline_from_ldm(state, str(path), metadata)
 
 
 def _check_supported(pipe, source: str) -> None:
@@ -81,9 +80,10 @@ def quiet_diffusers() -> None:
 def load_checkpoint(source: str, allow_pickle: bool = False) -> LoadedCheckpoint:
     """Load ``source`` as a float32 diffusers pipeline.
 
-    ``source`` is a diffusers folder, a single ``.safetensors`` file, or a hub id (``owner/name``, fetched
-    through diffusers' own downloader on machines that can reach the hub). Pickled checkpoints are refused
-    unless ``allow_pickle``: unpickling an untrusted file can run arbitrary code.
+    ``source`` is a diffusers folder, a single ``.safetensors`` file in the original SD layout (converted
+    offline, see ``sdlite.convert.single_file``), or a hub id (``owner/name``, fetched through diffusers'
+    own downloader on machines that can reach the hub). Pickled checkpoints are refused unless
+    ``allow_pickle``, and even then only their tensors are read.
     """
     path = Path(source)
     if path.is_dir():
