@@ -338,7 +338,8 @@ def run(args: argparse.Namespace) -> int:
                 {"name": name, "kind": kind, "config": asdict(config), "reference": config == reference, **result}
             )
             progress.update()
-        rows += _run_peers(peer_jobs, args.source, work, progress, args.timeout)
+        source = str(Path(args.source).resolve()) if args.peers else None
+        rows += _run_peers(peer_jobs, source, work, progress, args.timeout)
         for row, (job, _) in zip(rows[len(todo) :], peer_jobs, strict=True):
             if Path(job.result).with_suffix(".npy").is_file():
                 images[row["name"]] = Path(job.result).with_suffix(".npy")

@@ -38,21 +38,32 @@ def _diffusers(folder: str, threads: int):
 
     torch.set_num_threads(threads)
     pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, safety_checker=None)
-    return pipe, "f32"
+    return pipe, {"compute": "f32"}
 
 
 def _openvino(folder: str, threads: int, width: int, height: int):
     from optimum.intel import OVStableDiffusionPipeline
 
     from sdlite.engines.openvino import compute_precision
+    from sdlite.errors import summarize
 
-    pipe = OVStableDiffusionPipeline.from_pretrained(
-        folder, compile=False, ov_config={"INFERENCE_NUM_THREADS": str(threads), "CACHE_DIR": ""}
-    )
-    # Static shapes, as optimum-intel's documentation recommends for speed.
-    pipe.reshape(batch_size=1, height=height, width=width, num_images_per_prompt=1)
-    pipe.compile()
-    return pipe, compute_precision("CPU", "auto")
+    def load():
+        return OVStableDiffusionPipeline.from_pretrained(
+            folder, compile=False, ov_config={"INFERENCE_NUM_THREADS": str(threads), "CACHE_DIR": ""}
+        )
+
+    info = {"compute": compute_precision("CPU", "auto")}
+    pipe = load()
+    try:
+        # Static shapes, as optimum-intel's documentation recommends for speed.
+        pipe.reshape(batch_size=1, height=height, width=width, num_images_per_prompt=1)
+        pipe.compile()
+    except RuntimeError as exc:
+        # Some weight-compressed graphs fail static shape inference at small sizes; they run dynamic.
+        pipe = load()
+        pipe.compile()
+        info["note"] = f"dynamic shapes (static reshape failed: {summarize(exc, 120)})"
+    return pipe, info
 
 
 def _onnxruntime(folder: str, threads: int):
@@ -62,11 +73,12 @@ def _onnxruntime(folder: str, threads: int):
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     pipe = ORTStableDiffusionPipeline.from_pretrained(folder, provider="CPUExecutionProvider", session_options=options)
-    return pipe, "f32"
+    return pipe, {"compute": "f32"}
 
 
 def load_peer(name: str, folder: str, threads: int, width: int, height: int):
-    """(pipeline, compute precision) of peer ``name`` on ``folder`` (its export, for optimum peers)."""
+    """(pipeline, {"compute": precision, "note": ...}) of peer ``name`` on ``folder`` (for optimum peers, the
+    export of the diffusers folder)."""
     if name == DIFFUSERS:
         return _diffusers(folder, threads)
     if name in (OV_FP32, OV_INT8):
@@ -111,9 +123,9 @@ def run_peer(job) -> dict:
     settings = job.settings
 
     def load():
-        pipe, compute = load_peer(job.kind, job.options["folder"], settings.threads, settings.width, settings.height)
+        pipe, info = load_peer(job.kind, job.options["folder"], settings.threads, settings.width, settings.height)
         pipe.set_progress_bar_config(disable=True)
-        return pipe, compute
+        return pipe, info
 
     return measure(job, load, _instrument, _generate) | {"folder": job.options["folder"]}
 

@@ -67,6 +67,14 @@ def row_cells(row: dict) -> list[str]:
     ]
 
 
+def row_notes(row: dict) -> list[str]:
+    """What a row's figures need said beside them: a fallback it took, the export a peer needed."""
+    notes = [row["note"]] if row.get("note") else []
+    if row.get("export_s"):
+        notes.append(f"optimum export of the source took {row['export_s']:.1f} s (cached, not in the figures)")
+    return notes
+
+
 def markdown_table(rows: list[dict], label: bool = False) -> str:
     """The rows as a Markdown table (``label``: prefix each configuration with its machine, for --compare)."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
@@ -75,7 +83,8 @@ def markdown_table(rows: list[dict], label: bool = False) -> str:
         if label and row.get("machine"):
             cells[0] = f"{row['machine']}: {cells[0]}"
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    lines += [""] + [f"- {row_cells(row)[0]}: {note}" for row in rows for note in row_notes(row)]
+    return "\n".join(lines).rstrip()
 
 
 def text_table(rows: list[dict], label: bool = False) -> str:
@@ -90,6 +99,7 @@ def text_table(rows: list[dict], label: bool = False) -> str:
             notes.append(f"  {cells[0]}: {cells[1]}")
         else:
             body.append(cells)
+            notes += [f"  {cells[0]}: {note}" for note in row_notes(row)]
     widths = [max(len(str(r[i])) for r in [header, *body]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:

@@ -140,7 +140,7 @@ def run_sdlite(job: Job) -> dict:
             threads=settings.threads,
             compute=config.compute,
         )
-        return pipe, pipe.compute_precision
+        return pipe, {"compute": pipe.compute_precision}
 
     return measure(job, load, instrument, _generate)
 
@@ -148,16 +148,17 @@ def run_sdlite(job: Job) -> dict:
 def measure(job: Job, load: Callable, attach: Callable, generate: Callable) -> dict:
     """The measurement every pipeline gets, sdlite's or a peer's.
 
-    ``load()`` -> (pipeline, compute precision) is timed as the load stage; ``attach(pipe, stages)`` wraps the
-    pipeline's stages; ``generate(pipe, settings, steps)`` -> image (H, W, 3) in 0..1. A warm-up generation of
-    ``settings.warmup_steps`` steps comes first (its memory is a stage of its own); then either one timed
-    generation (its image saved next to the result file) or, for a soak job, ``job.soak`` generations."""
+    ``load()`` -> (pipeline, {"compute": precision, optional "note"}) is timed as the load stage;
+    ``attach(pipe, stages)`` wraps the pipeline's stages; ``generate(pipe, settings, steps)`` -> image
+    (H, W, 3) in 0..1. A warm-up generation of ``settings.warmup_steps`` steps comes first (its memory is a
+    stage of its own); then either one timed generation (its image saved next to the result file) or, for a
+    soak job, ``job.soak`` generations."""
     settings = job.settings
     tracker = PeakTracker()
     stages = Stages(tracker)
     stages.enter("load")
     start = time.perf_counter()
-    pipe, compute = load()
+    pipe, info = load()
     load_s = time.perf_counter() - start
     stages.finish()
     attach(pipe, stages)
@@ -172,7 +173,7 @@ def measure(job: Job, load: Callable, attach: Callable, generate: Callable) -> d
         tracker.stop()
         stages.current, stages.track_memory = None, True
         stages.clear()
-    common = {"status": "ok", "compute": compute, "load_s": load_s, "warmup_s": warmup_s}
+    common = {"status": "ok", **info, "load_s": load_s, "warmup_s": warmup_s}
     if job.soak:
         return common | _soak(pipe, settings, job.soak, generate) | {"peak_rss_mb": tracker.whole_mb}
     start = time.perf_counter()
