@@ -13,14 +13,11 @@ from typing import Any
 import numpy as np
 
 from .multistep import MultistepSampler
+from .sigmas import TRAINING_DEFAULTS
 
 # diffusers' DEISMultistepScheduler defaults; a config key, when present, overrides them.
 DEFAULTS: dict[str, Any] = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.0001,
-    "beta_end": 0.02,
-    "beta_schedule": "linear",
-    "trained_betas": None,
+    **TRAINING_DEFAULTS,
     "solver_order": 2,
     "prediction_type": "epsilon",
     "thresholding": False,

@@ -31,8 +31,12 @@ class DPM2Scheduler(TwoStageSampler):
     PREDICTION_TYPES = ("epsilon", "v_prediction")
     ROUND_KARRAS_TIMESTEPS = True
 
+    def _sigma_down(self, i: int) -> float:
+        # Where step i's deterministic part lands: sigma_{i+1} (the ancestral variant lands lower).
+        return float(self._base_sigmas[i + 1])
+
     def _stage_two_sigma(self, i: int) -> float:
-        return log_midpoint(float(self._base_sigmas[i]), float(self._base_sigmas[i + 1]))
+        return log_midpoint(float(self._base_sigmas[i]), self._sigma_down(i))
 
     def _first_stage(
         self, i: int, denoised: np.ndarray, x: np.ndarray, sigma: float, sigma_next: float, noise: np.ndarray | None
@@ -50,5 +54,5 @@ class DPM2Scheduler(TwoStageSampler):
         sigma_next: float,
         noise: np.ndarray | None,
     ) -> np.ndarray:
-        sigma_mid = self._stage_two_sigma(i)
-        return start + (x - denoised) / sigma_mid * (sigma_next - sigma)
+        # The full step from the start point with the slope at the midpoint.
+        return start + (x - denoised) / self._stage_two_sigma(i) * (self._sigma_down(i) - sigma)

@@ -12,39 +12,28 @@ from typing import Any
 
 import numpy as np
 
-from .dpm2 import log_midpoint
-from .ve import KDIFFUSION_DEFAULTS, TwoStageSampler
+from .dpm2 import DPM2Scheduler
+from .ve import KDIFFUSION_DEFAULTS, ancestral_split
 
 # diffusers' KDPM2AncestralDiscreteScheduler defaults; a config key, when present, overrides them.
 DEFAULTS: dict[str, Any] = dict(KDIFFUSION_DEFAULTS)
 
 
-class DPM2AncestralScheduler(TwoStageSampler):
+class DPM2AncestralScheduler(DPM2Scheduler):
     """Stochastic DPM2 sampler: ``step`` needs ``noise``; it is used by each step's second evaluation."""
 
     name = "DPM2 a"
     stochastic = True
     DEFAULTS = DEFAULTS
-    PREDICTION_TYPES = ("epsilon", "v_prediction")
-    ROUND_KARRAS_TIMESTEPS = True
 
     def _split(self, i: int) -> tuple[float, float]:
         # (sigma_down, sigma_up) for step i, in float32 as the reference tabulates them.
-        sigma, sigma_next = float(self._base_sigmas[i]), float(self._base_sigmas[i + 1])
-        sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
-        sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+        sigma_down, sigma_up = ancestral_split(float(self._base_sigmas[i]), float(self._base_sigmas[i + 1]))
         return float(np.float32(sigma_down)), float(np.float32(sigma_up))
 
-    def _stage_two_sigma(self, i: int) -> float:
-        # The last step has no midpoint: it is a single Euler step to sigma = 0.
-        if i >= len(self._base_timesteps) - 1:
-            return 0.0
-        return log_midpoint(float(self._base_sigmas[i]), self._split(i)[0])
-
-    def _first_stage(
-        self, i: int, denoised: np.ndarray, x: np.ndarray, sigma: float, sigma_next: float, noise: np.ndarray | None
-    ) -> np.ndarray:
-        return x + (x - denoised) / sigma * (self._stage_two_sigma(i) - sigma)
+    def _sigma_down(self, i: int) -> float:
+        # The last step (to sigma = 0) has sigma_down = 0, so no midpoint: a single Euler step.
+        return self._split(i)[0]
 
     def _second_stage(
         self,
@@ -56,6 +45,5 @@ class DPM2AncestralScheduler(TwoStageSampler):
         sigma_next: float,
         noise: np.ndarray | None,
     ) -> np.ndarray:
-        sigma_down, sigma_up = self._split(i)
-        x = start + (x - denoised) / self._stage_two_sigma(i) * (sigma_down - sigma)
-        return x + noise * sigma_up
+        x = super()._second_stage(i, denoised, x, start, sigma, sigma_next, noise)
+        return x + noise * self._split(i)[1]

@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from .dpmpp_2m import DPMPP2MScheduler, _alpha_sigma, _lambda
+from .dpmpp_2m import DPMPP2MScheduler
 
 
 class DPMPP2MSDEScheduler(DPMPP2MScheduler):
@@ -27,35 +27,19 @@ class DPMPP2MSDEScheduler(DPMPP2MScheduler):
     name = "DPM++ 2M SDE"
     stochastic = True
 
-    def _first_order(
-        self, x: np.ndarray, x0: np.ndarray, sigma_s: float, sigma_t: float, noise: np.ndarray | None
-    ) -> np.ndarray:
-        if sigma_t == 0:
+    def _first_order(self, i: int, x: np.ndarray, x0: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
+        if self.sigmas[i + 1] == 0:
             return x0  # h -> inf: e^{-h} = 0 and sigma_t = 0, only the data prediction remains
-        alpha_t, sig_t = _alpha_sigma(sigma_t)
-        _, sig_s = _alpha_sigma(sigma_s)
-        h = _lambda(sigma_t) - _lambda(sigma_s)
+        alpha_t, sig_t, sig_s, h = self._vp_terms(i)
         decay = -math.expm1(-2.0 * h)  # 1 - e^{-2h}
         return (sig_t / sig_s * math.exp(-h)) * x + (alpha_t * decay) * x0 + (sig_t * math.sqrt(decay)) * noise
 
-    def _second_order(
-        self,
-        x: np.ndarray,
-        x0: np.ndarray,
-        prev_x0: np.ndarray,
-        sigma_s1: float,
-        sigma_s0: float,
-        sigma_t: float,
-        noise: np.ndarray | None,
-    ) -> np.ndarray:
-        alpha_t, sig_t = _alpha_sigma(sigma_t)
-        _, sig_s0 = _alpha_sigma(sigma_s0)
-        lam_t, lam_s0, lam_s1 = _lambda(sigma_t), _lambda(sigma_s0), _lambda(sigma_s1)
-        h, h_prev = lam_t - lam_s0, lam_s0 - lam_s1
+    def _second_order(self, i: int, x: np.ndarray, x0: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
+        alpha_t, sig_t, sig_s0, h = self._vp_terms(i)
         if h == 0:
             return x  # a zero-length step (final_sigmas_type="sigma_min")
         decay = -math.expm1(-2.0 * h)  # 1 - e^{-2h}
-        d1 = (h / h_prev) * (x0 - prev_x0)  # (1 / r0) (x0 - x0_prev), r0 = h_prev / h
+        d1 = (h / self._vp_terms(i - 1)[3]) * (x0 - self._prev_x0)  # (1 / r0) (x0 - x0_prev), r0 = h_prev / h
         # Weight of D1: midpoint (as published) or the Heun-style variant of the reference.
         d1_coeff = 0.5 * alpha_t * decay if self.solver_type == "midpoint" else alpha_t * (decay / (-2.0 * h) + 1.0)
         return (

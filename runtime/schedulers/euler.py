@@ -11,15 +11,12 @@ from typing import Any
 
 import numpy as np
 
+from .sigmas import TRAINING_DEFAULTS
 from .ve import VESampler
 
 # diffusers' EulerDiscreteScheduler defaults; a config key, when present, overrides them.
 DEFAULTS: dict[str, Any] = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.0001,
-    "beta_end": 0.02,
-    "beta_schedule": "linear",
-    "trained_betas": None,
+    **TRAINING_DEFAULTS,
     "prediction_type": "epsilon",
     "interpolation_type": "linear",
     "use_karras_sigmas": False,

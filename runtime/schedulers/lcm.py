@@ -16,15 +16,15 @@ from typing import Any
 
 import numpy as np
 
-from .sigmas import add_noise_vp, alphas_cumprod_from_config, check_steps, index_for_timestep
+from .sigmas import TRAINING_DEFAULTS, check_noise, check_steps, index_for_timestep
+from .vp import VPSampler
 
 # diffusers' LCMScheduler defaults; a config key, when present, overrides them.
 DEFAULTS: dict[str, Any] = {
-    "num_train_timesteps": 1000,
+    **TRAINING_DEFAULTS,
     "beta_start": 0.00085,
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
-    "trained_betas": None,
     "original_inference_steps": 50,
     "clip_sample": False,
     "clip_sample_range": 1.0,
@@ -37,7 +37,6 @@ DEFAULTS: dict[str, Any] = {
     "rescale_betas_zero_snr": False,
 }
 
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 SIGMA_DATA = 0.5  # data standard deviation assumed by the consistency-model scalings
 
 
@@ -64,46 +63,16 @@ def consistency_timesteps(
     return origin[picks].astype(np.int64)
 
 
-def predict_x0_eps(
-    prediction_type: str, model_output: np.ndarray, sample: np.ndarray, alpha_bar: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """(x0, eps) from a model output at a timestep with cumulative alpha ``alpha_bar`` (VP parametrisation)."""
-    a, b = alpha_bar**0.5, (1 - alpha_bar) ** 0.5
-    if prediction_type == "epsilon":
-        return (sample - b * model_output) / a, model_output
-    if prediction_type == "sample":
-        return model_output, (sample - a * model_output) / b
-    return a * sample - b * model_output, a * model_output + b * sample  # v_prediction
-
-
-class LCMScheduler:
+class LCMScheduler(VPSampler):
     """Stochastic LCM sampler: ``step`` needs ``noise`` (unused on the last step)."""
 
     name = "LCM"
     stochastic = True
-    order = 1
-    init_noise_sigma = 1.0
     DEFAULTS = DEFAULTS
 
     def __init__(self, config: Mapping[str, Any] | None = None) -> None:
-        cfg = {**self.DEFAULTS, **(config or {})}
-        if cfg["prediction_type"] not in PREDICTION_TYPES:
-            raise ValueError(
-                f"{self.name}: prediction_type {cfg['prediction_type']!r} is not supported; "
-                f"expected one of {', '.join(PREDICTION_TYPES)}"
-            )
-        if cfg["thresholding"]:
-            # Dynamic thresholding (Saharia et al. 2022) is for pixel-space models; SD works in latent space.
-            raise NotImplementedError(f"{self.name}: thresholding=True is not supported")
-        self.config = cfg
-        self.num_train_timesteps = int(cfg["num_train_timesteps"])
-        self.original_inference_steps = int(cfg["original_inference_steps"])
-        self.prediction_type: str = cfg["prediction_type"]
-        self.clip_sample_range = float(cfg["clip_sample_range"]) if cfg["clip_sample"] else None
-        self.alphas_cumprod = alphas_cumprod_from_config(cfg)
-        # alpha_bar "before" step 0: exactly clean (1) or the first training level.
-        self.final_alpha_cumprod = 1.0 if cfg["set_alpha_to_one"] else float(self.alphas_cumprod[0])
-        self.num_inference_steps: int | None = None
+        super().__init__(config)
+        self.original_inference_steps = int(self.config["original_inference_steps"])
         self.timesteps = np.arange(self.num_train_timesteps, dtype=np.int64)[::-1].copy()
         self._step_index: int | None = None
 
@@ -114,10 +83,6 @@ class LCMScheduler:
         )
         self.num_inference_steps = int(num_inference_steps)
         self._step_index = None
-
-    def scale_model_input(self, sample: np.ndarray, timestep: Any = None) -> np.ndarray:
-        """Return ``sample`` unchanged: the model sees the unscaled sample."""
-        return sample
 
     def _index(self, timestep: Any) -> int:
         if self._step_index is None:
@@ -130,19 +95,11 @@ class LCMScheduler:
     def _prepare(
         self, model_output: np.ndarray, sample: np.ndarray, timestep: Any, noise: np.ndarray | None
     ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray | None]:
-        if self.num_inference_steps is None:
-            raise RuntimeError(f"{self.name}: call set_timesteps() before step()")
-        model_output = np.asarray(model_output, dtype=np.float32)
+        model_output, sample = self._check(model_output, sample)
         i = self._index(timestep)
         if i < self.num_inference_steps - 1:
-            if noise is None:
-                raise ValueError(
-                    f"{self.name} is stochastic: step() needs noise, a standard normal array of model_output's shape"
-                )
-            noise = np.asarray(noise, dtype=np.float32)
-            if noise.shape != model_output.shape:
-                raise ValueError(f"{self.name}: noise has shape {noise.shape}, expected {model_output.shape}")
-        return i, model_output, np.asarray(sample, dtype=np.float32), noise
+            noise = check_noise(self.name, noise, model_output)
+        return i, model_output, sample, noise
 
     def step(
         self, model_output: np.ndarray, timestep: Any, sample: np.ndarray, noise: np.ndarray | None = None
@@ -151,20 +108,13 @@ class LCMScheduler:
         i, model_output, x, noise = self._prepare(model_output, sample, timestep, noise)
         t = int(timestep)
         prev_t = int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else t
-        a_t = float(self.alphas_cumprod[t])
-        a_prev = float(self.alphas_cumprod[prev_t]) if prev_t >= 0 else self.final_alpha_cumprod
+        a_prev = self.alpha_bar(prev_t)
         scaled_t = t * float(self.config["timestep_scaling"])
         c_skip = SIGMA_DATA**2 / (scaled_t**2 + SIGMA_DATA**2)
         c_out = scaled_t / (scaled_t**2 + SIGMA_DATA**2) ** 0.5
-        x0, _ = predict_x0_eps(self.prediction_type, model_output, x, a_t)
-        if self.clip_sample_range is not None:
-            x0 = np.clip(x0, -self.clip_sample_range, self.clip_sample_range)
+        x0 = self.clip(self.predict_x0_eps(model_output, x, t)[0])
         denoised = c_out * x0 + c_skip * x  # the consistency function (eq. 7)
         self._step_index = i + 1
         if i == self.num_inference_steps - 1:
             return denoised.astype(np.float32)
         return (a_prev**0.5 * denoised + (1 - a_prev) ** 0.5 * noise).astype(np.float32)
-
-    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timesteps: Any) -> np.ndarray:
-        """Noise clean samples to integer ``timesteps`` (one per sample, or one for all)."""
-        return add_noise_vp(self.alphas_cumprod, original_samples, noise, timesteps)

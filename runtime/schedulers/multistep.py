@@ -1,4 +1,4 @@
-"""Shared machinery of the multistep solvers in log-SNR time (UniPC, DEIS).
+"""Shared machinery of the multistep solvers in log-SNR time (DPM++ 2M, DPM++ 2M SDE, UniPC, DEIS).
 
 They work on variance-preserving samples x_t = alpha_t x0 + sigma_t eps (so ``init_noise_sigma`` is 1 and the
 model input is not rescaled) and describe each noise level by its VE sigma = sigma_t / alpha_t. The schedule
@@ -18,6 +18,7 @@ from .sigmas import (
     SPACINGS,
     alphas_cumprod_from_config,
     broadcast_per_sample,
+    check_option,
     check_steps,
     index_for_timestep,
     multistep_timesteps,
@@ -50,19 +51,12 @@ class MultistepSampler:
     def __init__(self, config: Mapping[str, Any] | None = None) -> None:
         cfg = {**self.DEFAULTS, **(config or {})}
         who = self.name
-        if cfg["prediction_type"] not in PREDICTION_TYPES:
-            raise ValueError(
-                f"{who}: prediction_type {cfg['prediction_type']!r} is not supported; "
-                f"expected one of {', '.join(PREDICTION_TYPES)}"
-            )
-        if cfg["timestep_spacing"] not in SPACINGS:
-            raise ValueError(
-                f"{who}: timestep_spacing {cfg['timestep_spacing']!r} is not supported; "
-                f"expected one of {', '.join(SPACINGS)}"
-            )
-        for key in ("thresholding", "use_flow_sigmas", "use_dynamic_shifting"):
-            # Pixel-space (thresholding) and flow-matching options; not for SD latents.
-            if cfg.get(key):
+        check_option(who, "prediction_type", cfg["prediction_type"], PREDICTION_TYPES)
+        check_option(who, "timestep_spacing", cfg["timestep_spacing"], SPACINGS)
+        for key in ("thresholding", "variance_type", "use_flow_sigmas", "use_dynamic_shifting", "use_lu_lambdas"):
+            # Pixel-space (thresholding, learned variance) and flow-matching options; not for SD latents. Keys the
+            # reference class does not have are not read (from_config ignores them too).
+            if key in self.DEFAULTS and cfg[key]:
                 raise NotImplementedError(f"{who}: {key}={cfg[key]!r} is not supported")
         self.config = cfg
         self.sigma_schedule = sigma_schedule_from_config(cfg, who)
@@ -90,12 +84,18 @@ class MultistepSampler:
         """The sigma the last step lands on, given the schedule's own sigmas."""
         raise NotImplementedError
 
+    def _last_timestep(self) -> int | None:
+        """The highest timestep a timestep-spaced schedule may start from (None: the last training step)."""
+        return None
+
     def set_timesteps(self, num_inference_steps: int) -> None:
         """Choose integer timesteps and their sigmas for ``num_inference_steps`` steps; reset the history."""
         check_steps(num_inference_steps)
         n = int(num_inference_steps)
         if self.sigma_schedule is None:
-            timesteps = multistep_timesteps(n, self.num_train_timesteps, self.timestep_spacing, self.steps_offset)
+            timesteps = multistep_timesteps(
+                n, self.num_train_timesteps, self.timestep_spacing, self.steps_offset, self._last_timestep()
+            )
             sigmas = np.interp(timesteps, np.arange(self.num_train_timesteps), self._train_sigmas)
         else:
             lo, hi = self.config.get("sigma_min"), self.config.get("sigma_max")

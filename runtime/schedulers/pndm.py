@@ -14,15 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from .sigmas import add_noise_vp, alphas_cumprod, betas_from_config, check_steps, spaced_timesteps
+from .sigmas import TRAINING_DEFAULTS, check_steps
+from .vp import VPSampler
 
 # diffusers' PNDMScheduler defaults; a config key, when present, overrides them (as from_config does).
 DEFAULTS: dict[str, Any] = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.0001,
-    "beta_end": 0.02,
-    "beta_schedule": "linear",
-    "trained_betas": None,
+    **TRAINING_DEFAULTS,
     "skip_prk_steps": False,
     "set_alpha_to_one": False,
     "prediction_type": "epsilon",
@@ -30,43 +27,25 @@ DEFAULTS: dict[str, Any] = {
     "steps_offset": 0,
 }
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
-
 # RK4 needs four points to start the 4th-order multistep formula.
 _PNDM_ORDER = 4
 
 
-class PNDMScheduler:
+class PNDMScheduler(VPSampler):
     """Pseudo linear multistep sampler (PLMS), with or without the pseudo Runge-Kutta warm-up.
 
     State: the method is multistep, so it keeps past noise estimates; ``step`` must be called once per
     entry of ``timesteps``, in order. ``set_timesteps`` resets the state.
     """
 
-    stochastic = False
+    name = "PNDM"
     order = 1  # model evaluations per entry of `timesteps` (the duplicated entries are extra evaluations)
-    init_noise_sigma = 1.0
+    DEFAULTS = DEFAULTS
+    PREDICTION_TYPES = ("epsilon", "v_prediction")
 
     def __init__(self, config: Mapping[str, Any] | None = None) -> None:
-        cfg = {**DEFAULTS, **(config or {})}
-        if cfg["prediction_type"] not in PREDICTION_TYPES:
-            raise ValueError(
-                f"PNDM: prediction_type {cfg['prediction_type']!r} is not supported; "
-                f"expected one of {', '.join(PREDICTION_TYPES)}"
-            )
-        self.num_train_timesteps = int(cfg["num_train_timesteps"])
-        self.prediction_type: str = cfg["prediction_type"]
-        self.timestep_spacing: str = cfg["timestep_spacing"]
-        self.steps_offset = int(cfg["steps_offset"])
-        self.skip_prk_steps = bool(cfg["skip_prk_steps"])
-        betas = betas_from_config(
-            self.num_train_timesteps, cfg["beta_start"], cfg["beta_end"], cfg["beta_schedule"], cfg["trained_betas"]
-        )
-        self.alphas_cumprod = alphas_cumprod(betas)
-        # alpha_bar "before" step 0: exactly clean (1) or the first training level.
-        self.final_alpha_cumprod = 1.0 if cfg["set_alpha_to_one"] else float(self.alphas_cumprod[0])
-        self.num_inference_steps: int | None = None
-        self.timesteps = np.zeros(0, dtype=np.int64)
+        super().__init__(config)
+        self.skip_prk_steps = bool(self.config["skip_prk_steps"])
         self._prk_count = 0
         self._reset_state()
 
@@ -85,10 +64,7 @@ class PNDMScheduler:
                 f"PNDM with skip_prk_steps=False needs at least {_PNDM_ORDER} steps for its Runge-Kutta "
                 f"warm-up, got {n}"
             )
-        base = np.round(spaced_timesteps(n, self.num_train_timesteps, self.timestep_spacing, self.steps_offset)).astype(
-            np.int64
-        )
-        base = base[::-1]  # ascending, which makes the constructions below easier to read
+        base = self._spaced_timesteps(n)[::-1]  # ascending, which makes the constructions below easier to read
         if self.skip_prk_steps:
             # The opening Heun step evaluates the model twice: at t_last and again at the next timestep.
             prk = np.zeros(0, dtype=np.int64)
@@ -105,18 +81,11 @@ class PNDMScheduler:
         self.num_inference_steps = n
         self._reset_state()
 
-    def scale_model_input(self, sample: np.ndarray, timestep: Any = None) -> np.ndarray:
-        """Return ``sample`` unchanged: PNDM feeds the model the unscaled sample."""
-        return sample
-
     def step(
         self, model_output: np.ndarray, timestep: Any, sample: np.ndarray, noise: np.ndarray | None = None
     ) -> np.ndarray:
         """Advance one entry of ``timesteps``; ``noise`` is ignored (PNDM is deterministic)."""
-        if self.num_inference_steps is None:
-            raise RuntimeError("PNDM: call set_timesteps() before step()")
-        model_output = np.asarray(model_output, dtype=np.float32)
-        sample = np.asarray(sample, dtype=np.float32)
+        model_output, sample = self._check(model_output, sample)
         if self._counter < self._prk_count:
             prev = self._step_prk(model_output, int(timestep), sample)
         else:
@@ -170,8 +139,7 @@ class PNDMScheduler:
 
     def _transfer(self, sample: np.ndarray, t: int, prev_t: int, model_output: np.ndarray) -> np.ndarray:
         # The transfer part phi of PNDM eq. (9): x_{t-δ} from x_t and an estimate of eps.
-        a_t = float(self.alphas_cumprod[t])
-        a_prev = float(self.alphas_cumprod[prev_t]) if prev_t >= 0 else self.final_alpha_cumprod
+        a_t, a_prev = float(self.alphas_cumprod[t]), self.alpha_bar(prev_t)
         b_t, b_prev = 1 - a_t, 1 - a_prev
         if self.prediction_type == "v_prediction":
             # v = sqrt(a) eps - sqrt(1 - a) x0  =>  eps = sqrt(a) v + sqrt(1 - a) x_t
@@ -180,7 +148,3 @@ class PNDMScheduler:
         denom = a_t * b_prev**0.5 + (a_t * b_t * a_prev) ** 0.5
         prev = sample_coeff * sample - ((a_prev - a_t) / denom) * model_output
         return prev.astype(np.float32)
-
-    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timesteps: Any) -> np.ndarray:
-        """Noise clean samples to integer ``timesteps`` (one per sample, or one for all)."""
-        return add_noise_vp(self.alphas_cumprod, original_samples, noise, timesteps)

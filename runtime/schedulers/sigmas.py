@@ -15,16 +15,43 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 SPACINGS = ("leading", "trailing", "linspace")
+
+# diffusers' defaults for the training noise schedule (DDPM's linear betas, Ho et al. 2020), which most of its
+# scheduler classes share; each sampler's DEFAULTS starts from these.
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "trained_betas": None,
+}
 
 
 def check_steps(num_inference_steps: int) -> None:
     """Raise ValueError unless ``num_inference_steps`` is a positive integer."""
     if int(num_inference_steps) != num_inference_steps or num_inference_steps < 1:
         raise ValueError(f"steps must be >= 1, got {num_inference_steps!r}")
+
+
+def check_option(who: str, key: str, value: Any, supported: Sequence[str], error: type[Exception] = ValueError) -> None:
+    """Raise ``error`` naming sampler ``who`` unless its config option ``key`` is one of ``supported``."""
+    if value not in supported:
+        raise error(f"{who}: {key} {value!r} is not supported; expected one of {', '.join(supported)}")
+
+
+def check_noise(who: str, noise: np.ndarray | None, model_output: np.ndarray) -> np.ndarray:
+    """Return ``noise`` as float32; ValueError when a stochastic sampler ``who`` got none or the wrong shape."""
+    if noise is None:
+        raise ValueError(f"{who} is stochastic: step() needs noise, a standard normal array of model_output's shape")
+    noise = np.asarray(noise, dtype=np.float32)
+    if noise.shape != model_output.shape:
+        raise ValueError(f"{who}: noise has shape {noise.shape}, expected {model_output.shape}")
+    return noise
 
 
 def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> np.ndarray:
@@ -323,3 +350,9 @@ def vp_alpha_sigma(sigma: float) -> tuple[float, float]:
     """VE sigma -> VP (alpha_t, sigma_t), alpha_t² + sigma_t² = 1 (x_vp = x_ve / sqrt(sigma² + 1))."""
     alpha_t = 1 / (sigma**2 + 1) ** 0.5
     return alpha_t, sigma * alpha_t
+
+
+def log_snr(sigma: float) -> float:
+    """log-SNR lambda = log(alpha_t) - log(sigma_t) of a VE sigma (= -log(sigma)), the time of DPM-Solver/UniPC."""
+    alpha_t, sigma_t = vp_alpha_sigma(sigma)
+    return math.log(alpha_t) - math.log(sigma_t)

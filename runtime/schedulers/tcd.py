@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .lcm import DEFAULTS as LCM_DEFAULTS
-from .lcm import LCMScheduler, predict_x0_eps
+from .lcm import LCMScheduler
 
 # diffusers' TCDScheduler defaults (the same keys and values as LCMScheduler's).
 DEFAULTS: dict[str, Any] = dict(LCM_DEFAULTS)
@@ -48,11 +48,9 @@ class TCDScheduler(LCMScheduler):
         prev_t = int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else 0
         # s = floor((1 - gamma) t_prev), in float32 as the reference computes it (it decides ties like 7.0).
         s = int(np.floor(np.float32(1 - self.eta) * np.float32(prev_t)))
-        a_t = float(self.alphas_cumprod[t])
-        a_prev = float(self.alphas_cumprod[prev_t]) if prev_t >= 0 else self.final_alpha_cumprod
-        a_s = float(self.alphas_cumprod[s])
+        a_prev, a_s = self.alpha_bar(prev_t), self.alpha_bar(s)
         # Unlike LCM, the reference applies no clip_sample here.
-        x0, eps = predict_x0_eps(self.prediction_type, model_output, x, a_t)
+        x0, eps = self.predict_x0_eps(model_output, x, t)
         noised = a_s**0.5 * x0 + (1 - a_s) ** 0.5 * eps  # DDIM jump to s
         self._step_index = i + 1
         if self.eta == 0 or i == self.num_inference_steps - 1:

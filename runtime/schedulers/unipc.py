@@ -18,15 +18,11 @@ from typing import Any
 import numpy as np
 
 from .multistep import MultistepSampler
-from .sigmas import vp_alpha_sigma
+from .sigmas import TRAINING_DEFAULTS, log_snr, vp_alpha_sigma
 
 # diffusers' UniPCMultistepScheduler defaults; a config key, when present, overrides them.
 DEFAULTS: dict[str, Any] = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.0001,
-    "beta_end": 0.02,
-    "beta_schedule": "linear",
-    "trained_betas": None,
+    **TRAINING_DEFAULTS,
     "solver_order": 2,
     "prediction_type": "epsilon",
     "thresholding": False,
@@ -49,12 +45,6 @@ DEFAULTS: dict[str, Any] = {
 }
 
 SOLVER_TYPES = ("bh1", "bh2")
-
-
-def _lambda(sigma: float) -> float:
-    # log-SNR lambda = log(alpha_t) - log(sigma_t) of a VE sigma.
-    alpha_t, sigma_t = vp_alpha_sigma(sigma)
-    return math.log(alpha_t) - math.log(sigma_t)
 
 
 def unipc_weights(rks: list[float], hh: float, solver_type: str, order: int) -> tuple[np.ndarray, np.ndarray, float]:
@@ -165,12 +155,12 @@ class UniPCScheduler(MultistepSampler):
             return (x - sig_s0 * m0) / alpha_s0
         if sigma_t == sigma_s0:
             return x  # a zero-length last step (final_sigmas_type="sigma_min" repeating the last sigma)
-        lam_s0 = _lambda(sigma_s0)
-        h = _lambda(sigma_t) - lam_s0
+        lam_s0 = log_snr(sigma_s0)
+        h = log_snr(sigma_t) - lam_s0
         hh = -h if self.predict_x0 else h
         rks, d1s = [], []
         for k in range(1, order):
-            rk = (_lambda(float(self.sigmas[i - k])) - lam_s0) / h
+            rk = (log_snr(float(self.sigmas[i - k])) - lam_s0) / h
             rks.append(rk)
             d1s.append((self._outputs[-(k + 1)] - m0) / rk)
         rks.append(1.0)
@@ -187,12 +177,12 @@ class UniPCScheduler(MultistepSampler):
         # UniC (Algorithm 2): redo step i-1 (sigma_{i-1} -> sigma_i) from `last` with the new output model_t.
         sigma_t, sigma_s0 = float(self.sigmas[i]), float(self.sigmas[i - 1])
         m0 = self._outputs[-1]
-        lam_s0 = _lambda(sigma_s0)
-        h = _lambda(sigma_t) - lam_s0
+        lam_s0 = log_snr(sigma_s0)
+        h = log_snr(sigma_t) - lam_s0
         hh = -h if self.predict_x0 else h
         rks, d1s = [], []
         for k in range(1, order):
-            rk = (_lambda(float(self.sigmas[i - (k + 1)])) - lam_s0) / h
+            rk = (log_snr(float(self.sigmas[i - (k + 1)])) - lam_s0) / h
             rks.append(rk)
             d1s.append((self._outputs[-(k + 1)] - m0) / rk)
         rks.append(1.0)

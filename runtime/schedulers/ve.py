@@ -1,6 +1,6 @@
 """Shared machinery of the samplers that work on noise levels sigma (k-diffusion style).
 
-These samplers (Euler, Heun, LMS, DPM2, DPM2 a, DPM++ SDE, DPM++ 2S a) work in the variance-exploding
+These samplers (Euler, Euler a, Heun, LMS, DPM2, DPM2 a, DPM++ SDE, DPM++ 2S a) work in the variance-exploding
 parametrisation of Karras et al. 2022, ``x = x0 + sigma * eps``: the sample starts at standard deviation
 ``sigma_max``, the model (trained on variance-preserving inputs) is fed ``x / sqrt(sigma² + 1)``, and a step
 moves ``x`` from ``sigma_i`` to ``sigma_{i+1}`` using the model's estimate of the clean sample ("denoised").
@@ -24,8 +24,11 @@ import numpy as np
 
 from .sigmas import (
     SPACINGS,
+    TRAINING_DEFAULTS,
     alphas_cumprod_from_config,
     broadcast_per_sample,
+    check_noise,
+    check_option,
     check_steps,
     index_for_timestep,
     resample_sigmas,
@@ -85,18 +88,14 @@ class VESampler:
     def __init__(self, config: Mapping[str, Any] | None = None) -> None:
         cfg = {**self.DEFAULTS, **(config or {})}
         who = self.name
-        if cfg["prediction_type"] not in self.PREDICTION_TYPES:
-            raise ValueError(
-                f"{who}: prediction_type {cfg['prediction_type']!r} is not supported; "
-                f"expected one of {', '.join(self.PREDICTION_TYPES)}"
-            )
-        if cfg["timestep_spacing"] not in SPACINGS:
-            raise ValueError(
-                f"{who}: timestep_spacing {cfg['timestep_spacing']!r} is not supported; "
-                f"expected one of {', '.join(SPACINGS)}"
-            )
+        check_option(who, "prediction_type", cfg["prediction_type"], self.PREDICTION_TYPES)
+        check_option(who, "timestep_spacing", cfg["timestep_spacing"], SPACINGS)
         # Keys the reference class does not have are not read (from_config ignores them too).
-        flags = {key: cfg.get(key) for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")}
+        flags = {
+            key: cfg[key]
+            for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+            if key in self.DEFAULTS
+        }
         self.sigma_schedule = sigma_schedule_from_config(flags, who)
         if self.sigma_schedule is not None and self.sigma_schedule not in self.SIGMA_SCHEDULES:
             raise ValueError(f"{who} cannot use {self.sigma_schedule} sigmas")
@@ -204,13 +203,7 @@ class VESampler:
         model_output = np.asarray(model_output, dtype=np.float32)
         x = np.asarray(sample, dtype=np.float32)
         if self.stochastic:
-            if noise is None:
-                raise ValueError(
-                    f"{self.name} is stochastic: step() needs noise, a standard normal array of model_output's shape"
-                )
-            noise = np.asarray(noise, dtype=np.float32)
-            if noise.shape != model_output.shape:
-                raise ValueError(f"{self.name}: noise has shape {noise.shape}, expected {model_output.shape}")
+            noise = check_noise(self.name, noise, model_output)
         j = self._index(timestep)
         if j >= len(self.timesteps):
             raise RuntimeError(f"{self.name}: step() called more often than there are timesteps")
@@ -236,11 +229,9 @@ class VESampler:
 # diffusers' defaults shared by its k-diffusion ports (Heun, LMS, KDPM2, DPM-Solver SDE ...); each sampler
 # starts from these and changes what its class changes.
 KDIFFUSION_DEFAULTS: dict[str, Any] = {
-    "num_train_timesteps": 1000,
+    **TRAINING_DEFAULTS,
     "beta_start": 0.00085,
     "beta_end": 0.012,
-    "beta_schedule": "linear",
-    "trained_betas": None,
     "prediction_type": "epsilon",
     "use_karras_sigmas": False,
     "use_exponential_sigmas": False,
