@@ -70,6 +70,11 @@ def row_cells(row: dict) -> list[str]:
 def row_notes(row: dict) -> list[str]:
     """What a row's figures need said beside them: a fallback it took, the export a peer needed."""
     notes = [row["note"]] if row.get("note") else []
+    if (row.get("load_in_generation_s") or 0) > 0.01:
+        notes.append(
+            f"loads parts during the generation: {row['load_in_generation_s']:.2f} s of its total (OpenVINO then "
+            "compiles each part at its first call, inside that part's time)"
+        )
     if row.get("export_s"):
         notes.append(f"optimum export of the source took {row['export_s']:.1f} s (cached, not in the figures)")
     return notes
@@ -117,11 +122,12 @@ def notes(report: dict) -> list[str]:
     settings, limit = report["settings"], report.get("limit") or {}
     lines = [
         f"model {settings.get('model_name', settings['model'])}, {settings['width']}x{settings['height']}, "
-        f"{settings['steps']} steps, sampler {settings.get('sampler_name') or settings.get('sampler') or 'default'}, "
+        f"{settings['steps']} steps, sampler {settings.get('sampler') or settings.get('scheduler', 'default')}, "
         f"seed {settings['seed']}, CFG {settings['cfg_scale']}, {settings['threads']} threads; "
         f"each row in its own process after a {settings['warmup_steps']}-step warm-up.",
         "U-Net ms/step: one U-Net call (both CFG halves in one batch), median and p90 over the timed generation. "
-        "load+compile: Pipeline.load plus what each part's first call took beyond a warm call.",
+        "load+compile: Pipeline.load plus what each part's first call took beyond a warm call "
+        "(OpenVINO compiles at the first call, from an empty cache here).",
         "Peak RSS: the whole process (load, warm-up, generation); stage peaks: "
         + (report.get("memory_method") or "VmHWM per stage")
         + ". PSNR/SSIM: the image against the reference row's (same seed).",

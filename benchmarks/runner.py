@@ -8,6 +8,7 @@ measured generation, and writes its figures to the job's result file and its ima
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -222,13 +223,15 @@ def run_job(job: Job) -> dict:
     return run_peer(job)
 
 
-def run_in_subprocess(job: Job, workdir: Path, timeout: float) -> dict:
-    """Run ``job`` in a fresh Python process; a crash, a kill or a timeout becomes a failed result."""
+def run_in_subprocess(job: Job, workdir: Path, timeout: float, env: dict[str, str] | None = None) -> dict:
+    """Run ``job`` in a fresh Python process (with ``env`` added to the environment); a crash, a kill or a
+    timeout becomes a failed result."""
     job_file = Path(job.result).with_suffix(".job.json")
     job_file.write_text(job.to_json())
     command = [sys.executable, "-m", "sdlite.benchmarks.runner", str(job_file)]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=workdir)
+        environment = dict(os.environ, **(env or {}))
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=workdir, env=environment)
     except subprocess.TimeoutExpired:
         return {"status": "failed", "reason": f"timed out after {timeout:.0f} s"}
     result = Path(job.result)
