@@ -60,7 +60,9 @@ def test_png_carries_infotext_and_reruns_identically(tiny_onnx, tmp_path):
     lines = infotext.split("\n")
     assert lines[0] == "a red circle on a blue background"
     assert lines[1] == "Negative prompt: ugly, blurry"
-    assert lines[2].startswith("Steps: 3, Sampler: Euler a, CFG scale: 7, Seed: 42, Size: 64x64, Model hash: ")
+    assert lines[2].startswith(
+        "Steps: 3, Sampler: Euler a, Schedule type: Uniform, CFG scale: 7, Seed: 42, Size: 64x64, Model hash: "
+    )
     manifest = json.loads((tiny_onnx / "sdlite.json").read_text())
     assert f"Model hash: {manifest['source_sha256'][:10]}, Model: tiny" in lines[2]
     assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(second)))
