@@ -34,7 +34,8 @@ __all__ = [
 ]
 
 BREAK = "BREAK"
-# The weight AUTOMATIC1111 gives its BREAK marker; no bracket can produce it from text.
+# The weight AUTOMATIC1111 gives its BREAK marker: the piece ("BREAK", -1.0). Plain text never reads
+# "BREAK" (it is split out), so text weighted -1 by (text:-1) is not mistaken for a break.
 BREAK_WEIGHT = -1.0
 ROUND_FACTOR = 1.1
 # A1111 multiplies by 1 / 1.1 rather than dividing by 1.1; the two can differ in the last bit, and

@@ -354,3 +354,25 @@ def test_infotext_has_clip_skip_only_above_1(ours):
     assert "Clip skip" not in plain.info["parameters"]
     assert ", Clip skip: 2," in skipped.info["parameters"]
     assert skipped.info["parameters"].startswith("a (red:1.2) circle\n")
+
+
+def test_openvino_engine_reads_the_hidden_states_too(text_model_dir, ours):
+    from sdlite import Pipeline
+
+    prompt = "a (red:1.3) circle " + "dot " * 80
+    openvino = Pipeline.load(text_model_dir[1], engine="openvino")
+    for clip_skip in (1, 2):
+        got = openvino.encode_prompt([prompt], clip_skip=clip_skip)
+        np.testing.assert_allclose(got, ours.encode_prompt([prompt], clip_skip=clip_skip), atol=EMBED_ATOL, rtol=0)
+
+
+def test_cli_clip_skip(text_model_dir, tmp_path):
+    from PIL import Image
+
+    from sdlite.cli import main
+
+    out = tmp_path / "skip.png"
+    args = ["generate", "a [blue] circle", "-m", str(text_model_dir[1]), "--steps", "1", "--seed", "3"]
+    assert main([*args, "--clip-skip", "2", "-o", str(out), "--quiet"]) == 0
+    assert ", Clip skip: 2," in Image.open(out).text["parameters"]
+    assert main([*args, "--clip-skip", "0", "-o", str(tmp_path / "bad.png"), "--quiet"]) == 2
