@@ -23,3 +23,23 @@ def tiny_onnx(tiny_diffusers, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("converted") / "tiny-onnx"
     convert(str(tiny_diffusers), out, quiet=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def ddim_reference(tiny_diffusers):
+    """``reference(prompt, steps, seed)``: diffusers' StableDiffusionPipeline on the tiny weights with DDIM
+    and a torch CPU generator, decoded images (1, 64, 64, 3) in 0..1; the yardstick sdlite's runs are held to."""
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_diffusers, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+
+    def reference(prompt: str, steps: int, seed: int):
+        generator = torch.Generator("cpu").manual_seed(seed)
+        return pipe(
+            prompt, num_inference_steps=steps, height=64, width=64, output_type="np", generator=generator
+        ).images
+
+    return reference

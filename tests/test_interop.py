@@ -50,22 +50,6 @@ def test_optimum_export_runs_in_sdlite(tiny_diffusers, own_images, tmp_path, kin
     assert np.max(np.abs(image - own_images[engine])) < ATOL
 
 
-def _diffusers_reference(tiny_diffusers) -> np.ndarray:
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_diffusers, safety_checker=None, requires_safety_checker=False)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe(
-        PROMPT,
-        num_inference_steps=STEPS,
-        height=64,
-        width=64,
-        output_type="np",
-        generator=torch.Generator("cpu").manual_seed(SEED),
-    ).images
-
-
 @pytest.fixture(scope="module")
 def both_formats(tiny_diffusers, tmp_path_factory) -> Path:
     from sdlite.convert.converter import convert
@@ -76,7 +60,7 @@ def both_formats(tiny_diffusers, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
-def test_sdlite_folder_runs_in_optimum(tiny_diffusers, both_formats, runtime):
+def test_sdlite_folder_runs_in_optimum(ddim_reference, both_formats, runtime):
     if runtime == "onnxruntime":
         from optimum.onnxruntime import ORTStableDiffusionPipeline
 
@@ -96,7 +80,7 @@ def test_sdlite_folder_runs_in_optimum(tiny_diffusers, both_formats, runtime):
         output_type="np",
         generator=torch.Generator("cpu").manual_seed(SEED),
     ).images
-    reference = _diffusers_reference(tiny_diffusers)
+    reference = ddim_reference(PROMPT, STEPS, SEED)
     assert np.max(np.abs(image - reference)) < ATOL
     # And sdlite itself, with the `cpu` noise source, draws the same latents as that torch generator.
     assert np.max(np.abs(_ours(both_formats, "onnx") - reference)) < ATOL

@@ -8,9 +8,9 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 from sdlite import Pipeline
+from sdlite.benchmarks.fidelity import psnr
 from sdlite.errors import InputError
 
 PROMPT = "a red circle on a blue background"
@@ -23,26 +23,9 @@ FP32_ATOL = 2e-3
 MIN_PSNR = {"fp16": 55.0, "int8": 32.0, "w8a8": 30.0, "bf16": 36.0}
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a - b) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
-
-
 @pytest.fixture(scope="module")
-def reference(tiny_diffusers) -> np.ndarray:
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_diffusers, safety_checker=None, requires_safety_checker=False)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe(
-        PROMPT,
-        num_inference_steps=STEPS,
-        height=64,
-        width=64,
-        output_type="np",
-        generator=torch.Generator("cpu").manual_seed(SEED),
-    ).images
+def reference(ddim_reference) -> np.ndarray:
+    return ddim_reference(PROMPT, STEPS, SEED)
 
 
 @pytest.fixture(scope="module")
@@ -95,14 +78,14 @@ def test_each_precision_generates_within_tolerance(all_precisions, reference, en
     if precision == "fp32":
         assert np.max(np.abs(image - reference)) < FP32_ATOL
     else:
-        assert _psnr(image, reference) > MIN_PSNR[precision]
+        assert psnr(image, reference) > MIN_PSNR[precision]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_bf16_arithmetic(all_precisions, reference, precision):
     image = _generate(all_precisions, "openvino", precision, compute="bf16")
     assert np.isfinite(image).all()
-    assert _psnr(image, reference) > MIN_PSNR["bf16"]
+    assert psnr(image, reference) > MIN_PSNR["bf16"]
 
 
 @pytest.mark.parametrize("engine", ["onnx", "openvino"])
