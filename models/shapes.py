@@ -143,7 +143,7 @@ def train(out: str | Path, seed: int = 0, cfg: ShapesConfig | None = None, progr
     """Train the shapes model from scratch and save it as a diffusers folder at ``out`` (atomically)."""
     import torch
     import torch.nn.functional as F
-    from diffusers import DDPMScheduler, PNDMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
     from tqdm import tqdm
     from transformers import CLIPTokenizer
 
@@ -257,7 +257,9 @@ def train(out: str | Path, seed: int = 0, cfg: ShapesConfig | None = None, progr
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER),
+        # PLMS (PNDM) extrapolates the small model's noise estimates into garbage (diffusers' own PNDM too:
+        # 17% shape colour against DDIM's 71% on the same prompts); DDIM with SD 1.5's betas is robust.
+        scheduler=DDIMScheduler.from_config(SD15_SCHEDULER),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
