@@ -29,11 +29,14 @@ def onnx_fp16(base: Path, out_dir: Path) -> list[Path]:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    # Shape inference from the file works above protobuf's 2 GB limit; the converter's own does not.
-    inferred = out_dir / ".inferred.onnx"
-    onnx.shape_inference.infer_shapes_path(str(base), str(inferred))
-    model = onnx.load(str(inferred))
-    inferred.unlink()
+    # Shape inference from the file works above protobuf's 2 GB limit; the converter's own does not. The
+    # inferred copy sits next to the source so that its relative external-data path still resolves.
+    inferred = base.with_name(".inferred.onnx")
+    try:
+        onnx.shape_inference.infer_shapes_path(str(base), str(inferred))
+        model = onnx.load(str(inferred))
+    finally:
+        inferred.unlink(missing_ok=True)
     model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
     return save_onnx(model, out_dir / GRAPH_NAMES["onnx"])
 
