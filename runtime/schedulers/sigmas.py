@@ -67,6 +67,24 @@ def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> np.ndarr
     return np.asarray(betas, dtype=np.float32)
 
 
+def float32_linspace(start: float, end: float, num: int) -> np.ndarray:
+    """``torch.linspace(start, end, num, dtype=torch.float32)`` bit for bit.
+
+    torch computes in float32: step = (end - start) / (num - 1), the first half as start + step * i and the
+    second half as end - step * (num - 1 - i), each with one rounding (a fused multiply-add). numpy's
+    float64 linspace rounded to float32 differs by 1 ulp in places, which third-order multistep samplers
+    amplify past 1e-5. The float64 product of two float32 values is exact, so rounding the float64 sum once
+    to float32 reproduces the fused result."""
+    start32, end32 = np.float32(start), np.float32(end)
+    if num == 1:
+        return np.array([start32], dtype=np.float32)
+    step = np.float64((end32 - start32) / np.float32(num - 1))
+    index = np.arange(num, dtype=np.float64)
+    rising = (np.float64(start32) + step * index).astype(np.float32)
+    falling = (np.float64(end32) - step * (num - 1 - index)).astype(np.float32)
+    return np.where(index < num // 2, rising, falling).astype(np.float32)
+
+
 def betas_from_config(
     num_train_timesteps: int = 1000,
     beta_start: float = 0.0001,
@@ -82,10 +100,10 @@ def betas_from_config(
     if trained_betas is not None:
         return np.asarray(trained_betas, dtype=np.float32)
     if beta_schedule == "linear":
-        return np.linspace(beta_start, beta_end, num_train_timesteps).astype(np.float32)
+        return float32_linspace(beta_start, beta_end, num_train_timesteps)
     if beta_schedule == "scaled_linear":
         # Square after the float32 cast, as the reference does, so rounding matches.
-        root = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps).astype(np.float32)
+        root = float32_linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps)
         return root * root
     if beta_schedule == "squaredcos_cap_v2":
         return _cosine_betas(num_train_timesteps)
