@@ -129,6 +129,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     """Convert a checkpoint into a converted-model folder."""
     try:
         from sdlite.convert.converter import convert
+        from sdlite.convert.lora import LoraSpec
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.startswith("sdlite"):
             raise
@@ -137,7 +138,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
         ) from None
     if args.size:
         raise InputError("--size is not supported yet by this version of sdlite convert")
-    from sdlite.convert.lora import LoraSpec
 
     formats = ["onnx", "openvino"] if args.format == "both" else args.format.split(",")
     convert(

@@ -532,14 +532,17 @@ class Pipeline:
 
         unet = self._engine("unet")
         copies = 2 if guided else 1
+        # An inpainting U-Net's extra channels (mask, masked-image latents) are the same at every step.
+        condition = (
+            np.concatenate([np.concatenate([mask_latents, masked_latents], axis=1)] * copies) if conditioned else None
+        )
         for i, t in enumerate(tqdm(timesteps, desc="denoise", unit="step", disable=not progress)):
             model_input = scheduler.scale_model_input(np.concatenate([latents] * copies), t)
             if conditioned:
-                extra = np.concatenate([mask_latents, masked_latents], axis=1)
-                model_input = np.concatenate([model_input, np.concatenate([extra] * copies)], axis=1)
+                model_input = np.concatenate([model_input, condition], axis=1)
             eps = unet.run(
                 {
-                    "sample": model_input.astype(np.float32),
+                    "sample": model_input.astype(np.float32, copy=False),
                     "timestep": np.full((len(model_input),), t, dtype=np.float32),
                     "encoder_hidden_states": context,
                 }
@@ -548,7 +551,7 @@ class Pipeline:
                 uncond, cond = np.split(eps, 2)
                 eps = uncond + np.float32(request.cfg_scale) * (cond - uncond)
             step_noise = draw() if scheduler.stochastic else None
-            latents = scheduler.step(eps, t, latents, noise=step_noise).astype(np.float32)
+            latents = scheduler.step(eps, t, latents, noise=step_noise).astype(np.float32, copy=False)
             if mask_latents is not None and not conditioned:
                 # Keep the unmasked area: the original latents, noised to the next step's level.
                 proper = image_latents
