@@ -94,10 +94,8 @@ def _as_image(image: Image.Image | str | Path) -> Image.Image:
     return image if isinstance(image, Image.Image) else load_image(image)
 
 
-def _size_or(size: tuple[int | None, int | None], default: tuple[int, int] | dict) -> dict[str, int]:
+def _size_or(size: tuple[int | None, int | None], default: tuple[int, int]) -> dict[str, int]:
     """{"width", "height"} from the caller's size where given, else from ``default``."""
-    if isinstance(default, dict):
-        default = (default["width"], default["height"])
     return {"width": size[0] or default[0], "height": size[1] or default[1]}
 
 
@@ -377,7 +375,7 @@ class Pipeline:
         extra: dict[str, object] = {"Denoising strength": strength, "Mask blur": mask_blur}
         original = to_unit(image)
         if only_masked:
-            work = _size_or(size, dict(zip(("width", "height"), self.default_size, strict=True)))
+            work = _size_or(size, self.default_size)
             request = self._check(prompt, **options, **work)
             region = masked_region(soft, padding, request.width / request.height)
             crop = image.crop((region.left, region.top, region.right, region.bottom))
