@@ -53,6 +53,11 @@ HELD_OUT_PAIRS: frozenset[tuple[str, str]] = frozenset(
 )
 
 
+def _article(words: str) -> str:
+    """``words`` with its English indefinite article: "an orange", "a small orange"."""
+    return f"{'an' if words[0] in 'aeiou' else 'a'} {words}"
+
+
 @dataclass(frozen=True)
 class Attributes:
     """What one image shows."""
@@ -70,8 +75,8 @@ class Attributes:
 
     def caption(self, with_size: bool = True, with_position: bool = True) -> str:
         """Plain-English caption; size word and position phrase are optional."""
-        size = f"{self.size} " if with_size else ""
-        text = f"a {size}{self.colour} {self.shape} on a {self.background} background"
+        words = f"{self.size} {self.colour}" if with_size else self.colour
+        text = f"{_article(words)} {self.shape} on {_article(self.background)} background"
         if with_position:
             text += f", {self.position}"
         return text
