@@ -115,6 +115,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed_source=args.seed_source,
         schedule=args.schedule,
         clip_skip=args.clip_skip,
+        watermark=args.watermark,
         progress=not args.quiet,
     )
     images = _mode_call(args, pipe, common)
@@ -226,6 +227,11 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", help="weight precision variant to run (default: the first held)")
     parser.add_argument("--low-memory", action="store_true", help="load one part at a time")
     parser.add_argument("--vae-tiling", default="auto", help="auto | on | off: decode big images in tiles")
+    parser.add_argument(
+        "--watermark",
+        action="store_true",
+        help="invisible 'StableDiffusionV1' mark that invisible-watermark's dwtDct decoder reads (images >= 256x256)",
+    )
     parser.add_argument("-o", "--output", help="output PNG (default: sdlite-SEED.png)")
     parser.add_argument("--quiet", action="store_true")
     parser.set_defaults(func=cmd_generate)

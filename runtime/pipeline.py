@@ -27,6 +27,7 @@ from sdlite.model_folder import ModelFolder
 from sdlite.rng import A1111_RNG, DEFAULT_SOURCE, SOURCES, NoiseGenerator
 from sdlite.tokenizer import CLIPTokenizer
 from sdlite.vae import Vae
+from sdlite.watermark import check_watermark_size, encode_watermark
 
 LATENT_CHANNELS = 4
 # In low-memory mode the VAE tiles once its estimated working set passes this (auto tiling).
@@ -69,6 +70,7 @@ class GenerationRequest:
     seed_source: str = DEFAULT_SOURCE
     schedule: str | None = None
     clip_skip: int = 1
+    watermark: bool = False
 
 
 @dataclass(frozen=True)
@@ -238,6 +240,7 @@ class Pipeline:
         seed_source: str = DEFAULT_SOURCE,
         schedule: str | None = None,
         clip_skip: int = 1,
+        watermark: bool = False,
     ) -> GenerationRequest:
         width = width or self.default_size[0]
         height = height or self.default_size[1]
@@ -272,6 +275,7 @@ class Pipeline:
             seed_source,
             schedule,
             int(clip_skip),
+            bool(watermark),
         )
 
     def txt2img(
@@ -288,6 +292,7 @@ class Pipeline:
         seed_source: str = DEFAULT_SOURCE,
         schedule: str | None = None,
         clip_skip: int = 1,
+        watermark: bool = False,
         latents: np.ndarray | None = None,
         output_type: str = "pil",
         progress: bool = True,
@@ -300,7 +305,9 @@ class Pipeline:
         ``output_type="np"`` returns the decoded float images (batch, H, W, 3) in 0..1 instead of PIL images;
         PIL images carry their infotext in ``image.info["parameters"]``. ``callback(i, latents)`` runs after
         every step. Prompts take AUTOMATIC1111's syntax (``(word:1.2)``, ``[word]``, ``BREAK``, any length);
-        ``clip_skip`` 2 conditions on the text encoder's penultimate layer, as A1111's "Clip skip".
+        ``clip_skip`` 2 conditions on the text encoder's penultimate layer, as A1111's "Clip skip". ``watermark``
+        hides the original Stable Diffusion scripts' invisible mark ("StableDiffusionV1") in the images, which
+        invisible-watermark's ``dwtDct`` decoder reads back (``sdlite.watermark``; images of 256x256 pixels or more).
         """
         request = self._check(
             prompt,
@@ -315,9 +322,11 @@ class Pipeline:
             seed_source,
             schedule,
             clip_skip,
+            watermark,
         )
+        self._check_output(request, (request.width, request.height))
         images = self._generate(request, Init(latents=latents), progress, callback)
-        return images if output_type == "np" else self._with_infotext(images, request, {})
+        return self._finish(images, request, {}, output_type)
 
     def img2img(
         self,
@@ -338,10 +347,10 @@ class Pipeline:
         check_strength(strength)
         size = (options.pop("width", None), options.pop("height", None))
         request = self._check(prompt, **options, **_size_or(size, working_size(image, resize)))
+        self._check_output(request, (request.width, request.height))
         init = Init(pixels=to_pixels(resize_to(image, (request.width, request.height), resize)), strength=strength)
         images = self._generate(request, init, progress, callback)
-        extra = {"Denoising strength": strength}
-        return images if output_type == "np" else self._with_infotext(images, request, extra)
+        return self._finish(images, request, {"Denoising strength": strength}, output_type)
 
     def inpaint(
         self,
@@ -377,6 +386,7 @@ class Pipeline:
         if only_masked:
             work = _size_or(size, self.default_size)
             request = self._check(prompt, **options, **work)
+            self._check_output(request, image.size)
             region = masked_region(soft, padding, request.width / request.height)
             crop = image.crop((region.left, region.top, region.right, region.bottom))
             crop_mask = Image.fromarray((soft * 255).round().astype(np.uint8)).crop(
@@ -392,6 +402,7 @@ class Pipeline:
         else:
             request = self._check(prompt, **options, **_size_or(size, working_size(image, resize)))
             target = (request.width, request.height)
+            self._check_output(request, target)
             mask_image = Image.fromarray((soft * 255).round().astype(np.uint8))
             full = self._inpaint_pixels(request, image, mask_image, strength, resize, progress, callback)
             if target != image.size:
@@ -399,9 +410,7 @@ class Pipeline:
                 soft = np.asarray(resize_to(mask_image.convert("RGB"), target, resize), np.float32)[..., 0] / 255
             size_text = f"{request.width}x{request.height}"
         images = np.stack([paste_back(original, generated, soft) for generated in full]).astype(np.float32)
-        if output_type == "np":
-            return images
-        return self._with_infotext(images, request, extra, size_text)
+        return self._finish(images, request, extra, output_type, size_text)
 
     def outpaint(
         self,
@@ -562,6 +571,29 @@ class Pipeline:
         images = self.vae.decode(latents)
         self._done_with("vae_decoder")
         return images
+
+    def _check_output(self, request: GenerationRequest, size: tuple[int, int]) -> None:
+        """Fail before any work when the finished images (``size`` = W, H) could not take what was asked."""
+        if request.watermark:
+            check_watermark_size(*size)
+
+    def _finish(
+        self,
+        images: np.ndarray,
+        request: GenerationRequest,
+        extra: dict[str, object],
+        output_type: str,
+        size: str | None = None,
+    ) -> list[Image.Image] | np.ndarray:
+        """Decoded images (N, H, W, 3) in 0..1 -> what the caller gets: watermarked when asked (on the 8-bit
+        image, after everything else, as the original SD scripts did), then PIL images with their infotext
+        or, for ``output_type="np"``, the float array."""
+        if request.watermark:
+            pixels = [encode_watermark(np.asarray(image)) for image in to_pil(images)]
+            images = np.stack(pixels).astype(np.float32) / 255.0
+        if output_type == "np":
+            return images
+        return self._with_infotext(images, request, extra, size)
 
     def _with_infotext(
         self, images: np.ndarray, request: GenerationRequest, extra: dict[str, object], size: str | None = None
