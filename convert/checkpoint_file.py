@@ -8,8 +8,6 @@ even then read with ``torch.load(weights_only=True)``, which only rebuilds tenso
 
 from __future__ import annotations
 
-import json
-import math
 import re
 import struct
 import warnings
@@ -17,86 +15,12 @@ from pathlib import Path
 
 from sdlite.errors import InputError, summarize
 
+# The header check lives in the torch-free runtime, which reads embeddings with it; re-exported here.
+from sdlite.safetensors_file import read_safetensors_header
+
+__all__ = ["PICKLE_SUFFIXES", "read_safetensors_header", "read_state_dict", "refuse_pickle", "tensor_data_sha256"]
+
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
-
-# Bytes per element of each safetensors dtype (the format's own list).
-_DTYPE_SIZES = {
-    "BOOL": 1,
-    "U8": 1,
-    "I8": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "I16": 2,
-    "U16": 2,
-    "F16": 2,
-    "BF16": 2,
-    "I32": 4,
-    "U32": 4,
-    "F32": 4,
-    "I64": 8,
-    "U64": 8,
-    "F64": 8,
-}
-# The safetensors format caps its JSON header at 100 MB; a bigger length field is a corrupt file.
-_MAX_HEADER = 100_000_000
-
-
-def read_safetensors_header(path: str | Path) -> dict:
-    """Return the JSON header of a ``.safetensors`` file after checking it against the file's size.
-
-    Checks: the 8-byte little-endian header length fits in the file; the header is a JSON object; every
-    tensor has a known dtype, a shape, and ``data_offsets`` that lie inside the data section and span
-    exactly ``prod(shape) * dtype size`` bytes. Raises ``InputError`` naming the first problem found.
-    """
-    path = Path(path)
-    size = path.stat().st_size
-    if size < 8:
-        raise InputError(f"{path}: not a safetensors file ({size} bytes; truncated?)")
-    with open(path, "rb") as fh:
-        (header_len,) = struct.unpack("<Q", fh.read(8))
-        if header_len > min(size - 8, _MAX_HEADER):
-            raise InputError(
-                f"{path}: corrupt safetensors file: header length {header_len} exceeds the file's "
-                f"{size} bytes (truncated or not a safetensors file)"
-            )
-        raw = fh.read(header_len)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: corrupt safetensors file: header is not valid JSON ({exc.msg})") from None
-    if not isinstance(header, dict):
-        raise InputError(f"{path}: corrupt safetensors file: header is not a JSON object")
-    data_size = size - 8 - header_len
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        _check_tensor_entry(path, name, info, data_size)
-    return header
-
-
-def _check_tensor_entry(path: Path, name: str, info: object, data_size: int) -> None:
-    """One header entry: dtype, shape and offsets consistent with each other and with the file."""
-    bad = f"{path}: corrupt safetensors file: tensor {name!r}"
-    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
-        raise InputError(f"{bad} lacks dtype, shape or data_offsets")
-    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in _DTYPE_SIZES:
-        raise InputError(f"{bad} has unknown dtype {dtype!r}")
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-        raise InputError(f"{bad} has an invalid shape {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-        raise InputError(f"{bad} has invalid data_offsets {offsets!r}")
-    begin, end = offsets
-    if not 0 <= begin <= end:
-        raise InputError(f"{bad} has invalid data_offsets {offsets!r}")
-    if end > data_size:
-        raise InputError(
-            f"{bad} ends at byte {end} of the data section, but the file holds only {data_size} data bytes "
-            "(truncated download?)"
-        )
-    expected = math.prod(shape) * _DTYPE_SIZES[dtype]
-    if end - begin != expected:
-        raise InputError(f"{bad} spans {end - begin} bytes, but {dtype} {shape} needs {expected}")
 
 
 def refuse_pickle(path: Path) -> InputError:

@@ -60,6 +60,7 @@ def _load_pipeline(args: argparse.Namespace):
         low_memory=args.low_memory,
         compute=args.compute,
         vae_tiling=args.vae_tiling,
+        embeddings=args.embeddings,
     )
 
 
@@ -218,6 +219,11 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--seed-source", default="cpu", help="cpu (torch CPU / diffusers / A1111 'CPU'), nv (A1111 'NV') or numpy"
+    )
+    parser.add_argument(
+        "--embeddings",
+        metavar="DIR",
+        help="folder of textual-inversion embeddings (.safetensors) that the prompt can use by name",
     )
     parser.add_argument("--size", type=parse_size, help="WIDTHxHEIGHT, multiples of 8 (default: the model's)")
     parser.add_argument("--batch", type=int, default=1)

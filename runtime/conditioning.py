@@ -4,7 +4,9 @@ Each prompt becomes 77-token chunks (``sdlite.prompts``); all chunks of all prom
 encoder as one batch; "clip skip" picks an earlier layer's hidden state; emphasis weights are applied per
 chunk; each prompt's chunks are concatenated along the token axis. Prompts with fewer chunks than the
 longest are padded with the empty prompt's chunk, so that the unconditional and conditional contexts of
-classifier-free guidance have the same length and run as one U-Net batch.
+classifier-free guidance have the same length and run as one U-Net batch. A textual-inversion embedding
+named in a prompt takes token positions whose ids address rows the engine appended to the text encoder's
+token table (``sdlite.embeddings``), so its vectors go through the same encoder, emphasis and clip skip.
 
 Clip skip N (A1111's "Clip skip", ``CLIP_stop_at_last_layers``): N = 1 is the text encoder's output; N > 1
 takes the hidden state N - 1 layers before the last and passes it through the encoder's final LayerNorm,
@@ -16,11 +18,12 @@ graph, or one normed output per layer, would cost an export for a 2 x width affi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from sdlite.embeddings import Embedding, EmbeddingLibrary
 from sdlite.errors import InputError
 from sdlite.prompts import Chunk, prompt_chunks
 from sdlite.tokenizer import CLIPTokenizer
@@ -54,25 +57,47 @@ def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) 
 class TextConditioner:
     """Builds chunks with ``tokenizer`` and turns the outputs of the text encoder at ``graph`` into context."""
 
-    def __init__(self, tokenizer: CLIPTokenizer, graph: Path):
+    def __init__(self, tokenizer: CLIPTokenizer, graph: Path, embeddings: EmbeddingLibrary | None = None):
         self.tokenizer = tokenizer
         self.graph = graph
+        self.embeddings = embeddings
         comma = tokenizer.tokenize(",")
         self._comma = comma[0] if len(comma) == 1 else None
         self._norm: dict[str, np.ndarray] | None = None
 
-    def chunks(self, prompt: str) -> list[Chunk]:
-        """``prompt``'s chunks (at least one)."""
+    def chunks(self, prompt: str, used: dict[str, Embedding] | None = None) -> list[Chunk]:
+        """``prompt``'s chunks (at least one). Textual-inversion embeddings named in it are added to
+        ``used`` (name -> embedding, in the order they appear) when given."""
         tok = self.tokenizer
+        library = self.embeddings
+
+        def embedding_at(tokens: Sequence[int], position: int) -> tuple[tuple[int, ...], int] | None:
+            found = library.find(tokens, position)
+            if found is None:
+                return None
+            name, embedding, name_tokens = found
+            if used is not None:
+                used.setdefault(name, embedding)
+            return embedding.ids, name_tokens
+
         return prompt_chunks(
             prompt,
-            tok.tokenize,
+            tok.tokenize if library is None else lambda text: library.tokenize(text, tok.tokenize),
             tok.bos_token_id,
             tok.eos_token_id,
             tok.pad_token_id,
             self._comma,
             chunk_tokens=tok.model_max_length - 2,
+            embedding_at=embedding_at if library is not None else None,
         )
+
+    def embeddings_used(self, prompts: list[str]) -> dict[str, Embedding]:
+        """The textual-inversion embeddings ``prompts`` name, by the name written, in order of appearance."""
+        used: dict[str, Embedding] = {}
+        if self.embeddings is not None:
+            for prompt in prompts:
+                self.chunks(prompt, used)
+        return used
 
     def encode(
         self, prompts: list[str], run: Callable[[np.ndarray], dict[str, np.ndarray]], clip_skip: int = 1

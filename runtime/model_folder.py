@@ -108,6 +108,17 @@ class ModelFolder:
         return int(_read_json(config).get("in_channels", 4)) if config.is_file() else 4
 
     @property
+    def text_width(self) -> int | None:
+        """The width of the text encoder's token vectors (768 for SD 1.x, 1024 for SD 2.x), from its config
+        (or the U-Net's cross-attention width, which equals it); None when neither file says."""
+        for config, key in (("text_encoder", "hidden_size"), ("unet", "cross_attention_dim")):
+            path = self.path / config / "config.json"
+            value = _read_json(path).get(key) if path.is_file() else None
+            if isinstance(value, int):
+                return value
+        return None
+
+    @property
     def tokenizer_dir(self) -> Path:
         """The tokenizer folder (vocab.json, merges.txt, ...)."""
         return self.path / "tokenizer"

@@ -17,7 +17,9 @@ from tqdm.auto import tqdm
 
 from sdlite import __version__, schedulers
 from sdlite.conditioning import TextConditioner, check_clip_skip
+from sdlite.embeddings import EmbeddingLibrary, ti_hashes
 from sdlite.engines import ENGINE_FORMATS, Engine, check_engine, load_engine
+from sdlite.engines.token_table import TokenRows
 from sdlite.errors import InputError
 from sdlite.hashing import short_hash
 from sdlite.images import resize_to, to_pil, to_pixels, to_unit, working_size
@@ -118,7 +120,8 @@ class Pipeline:
     """Text-to-image generation on a converted-model folder.
 
     ``low_memory`` loads each part (text encoder, U-Net, VAE decoder) just before it runs and releases it
-    afterwards, so peak memory is the largest part rather than their sum.
+    afterwards, so peak memory is the largest part rather than their sum. ``embeddings`` is a folder of
+    textual-inversion embeddings that prompts can name (``sdlite.embeddings``).
     """
 
     def __init__(
@@ -131,6 +134,7 @@ class Pipeline:
         threads: int | None = None,
         compute: str = "auto",
         vae_tiling: str = "auto",
+        embeddings: str | Path | None = None,
     ):
         check_engine(engine)
         self.folder = folder
@@ -147,7 +151,12 @@ class Pipeline:
             name: folder.graph(name, ENGINE_FORMATS[engine], precision)
             for name in ("text_encoder", "unet", "vae_decoder")
         }
-        self.conditioner = TextConditioner(self.tokenizer, self._graphs["text_encoder"])
+        self.embeddings = (
+            EmbeddingLibrary.load(embeddings, self.tokenizer.tokenize, self.tokenizer.vocab_size, folder.text_width)
+            if embeddings is not None
+            else None
+        )
+        self.conditioner = TextConditioner(self.tokenizer, self._graphs["text_encoder"], self.embeddings)
         self.vae = Vae(
             self._engine,
             folder.manifest.vae_scaling_factor,
@@ -169,11 +178,14 @@ class Pipeline:
         threads: int | None = None,
         compute: str = "auto",
         vae_tiling: str = "auto",
+        embeddings: str | Path | None = None,
     ) -> Pipeline:
         """Open the converted-model folder at ``path`` and load its parts in ``engine`` on ``device``.
 
         ``compute`` is the arithmetic precision (f32, bf16, f16, or auto: the device's default);
-        ``vae_tiling`` (auto, on, off) decodes and encodes big images in tiles to bound memory."""
+        ``vae_tiling`` (auto, on, off) decodes and encodes big images in tiles to bound memory;
+        ``embeddings`` is a folder of textual-inversion embeddings (``.safetensors``, AUTOMATIC1111 or
+        diffusers layout) that prompts use by name, no conversion needed."""
         return cls(
             ModelFolder.open(path),
             engine=engine,
@@ -183,6 +195,7 @@ class Pipeline:
             threads=threads,
             compute=compute,
             vae_tiling=vae_tiling,
+            embeddings=embeddings,
         )
 
     @property
@@ -212,7 +225,12 @@ class Pipeline:
             # rounds to -inf and 0 * -inf gives NaN. The text encoder is a tiny share of the work, so it
             # always computes in f32.
             compute = "f32" if name == "text_encoder" else self.compute
-            self._engines[name] = load_engine(self._graphs[name], self.engine_name, self.device, self.threads, compute)
+            # Textual-inversion vectors become new rows of the text encoder's token table in the loaded copy.
+            rows = self.embeddings.rows if name == "text_encoder" and self.embeddings is not None else None
+            token_rows = TokenRows(self.embeddings.first_id, rows) if rows is not None and rows.size else None
+            self._engines[name] = load_engine(
+                self._graphs[name], self.engine_name, self.device, self.threads, compute, token_rows
+            )
         return self._engines[name]
 
     def _done_with(self, name: str) -> None:
@@ -616,6 +634,8 @@ class Pipeline:
                     "Model": manifest.name,
                     # A1111 writes the hashes of the LoRAs it applied; here they were fused at conversion.
                     "Lora hashes": manifest.lora_hashes(),
+                    # The embeddings the prompt or negative prompt named, as A1111 records them.
+                    "TI hashes": ti_hashes(self.conditioner.embeddings_used([request.prompt, request.negative_prompt])),
                     **extra,
                     # A1111 writes the key only when the setting is off its default.
                     "Clip skip": request.clip_skip if request.clip_skip > 1 else None,

@@ -21,7 +21,7 @@ results are concatenated along the token axis (so the U-Net sees 77 x chunks tok
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from sdlite.errors import InputError
@@ -29,6 +29,7 @@ from sdlite.errors import InputError
 __all__ = [
     "BREAK",
     "Chunk",
+    "EmbeddingLookup",
     "parse_prompt",
     "prompt_chunks",
 ]
@@ -161,6 +162,11 @@ def parse_prompt(prompt: str) -> list[Piece]:
     return [(piece.text, piece.weight) for piece in merged if piece.text]
 
 
+# Finds a textual-inversion embedding whose name's tokens start at ``tokens[position]``: the ids that
+# stand for its vectors and how many of ``tokens`` the name takes, or None.
+EmbeddingLookup = Callable[[Sequence[int], int], tuple[tuple[int, ...], int] | None]
+
+
 @dataclass(frozen=True)
 class Chunk:
     """One text-encoder input: ``ids`` (77: bos, up to 75 tokens, eos, padding) and a weight per id."""
@@ -178,12 +184,16 @@ def prompt_chunks(
     comma: int | None,
     chunk_tokens: int = CHUNK_TOKENS,
     backtrack: int = COMMA_BACKTRACK,
+    embedding_at: EmbeddingLookup | None = None,
 ) -> list[Chunk]:
     """The chunks of ``prompt`` as AUTOMATIC1111 builds them; always at least one.
 
     ``tokenize`` maps text to ids without bos/eos; ``comma`` is the id of "," (``None``: no comma rule).
     Each parsed piece is tokenized on its own, as A1111 does. A chunk is padded with eos and then ``pad``
     (SD 1.x pads with eos, SD 2.x with "!"), so a short plain prompt gives exactly the ids diffusers uses.
+    ``embedding_at`` finds textual-inversion embeddings among a piece's tokens (``sdlite.embeddings``):
+    each takes one position per vector, with the piece's weight, and moves whole to the next chunk when
+    it does not fit in the current one.
     """
     chunks: list[Chunk] = []
     ids: list[int] = []
@@ -205,7 +215,10 @@ def prompt_chunks(
         if weight == BREAK_WEIGHT and text == BREAK:
             close()
             continue
-        for token in tokenize(text):
+        tokens = tokenize(text)
+        position = 0
+        while position < len(tokens):
+            token = tokens[position]
             if token == comma:
                 last_comma = len(ids)
             elif len(ids) == chunk_tokens and last_comma != -1 and len(ids) - last_comma <= backtrack:
@@ -217,8 +230,18 @@ def prompt_chunks(
                 ids, weights = tail_ids, tail_weights
             if len(ids) == chunk_tokens:
                 close()
-            ids.append(token)
-            weights.append(weight)
+            found = embedding_at(tokens, position) if embedding_at else None
+            if found is None:
+                ids.append(token)
+                weights.append(weight)
+                position += 1
+                continue
+            vector_ids, name_tokens = found
+            if len(ids) + len(vector_ids) > chunk_tokens:
+                close()  # an embedding is never split across chunks
+            ids.extend(vector_ids)
+            weights.extend([weight] * len(vector_ids))
+            position += name_tokens
     if ids or not chunks:
         close()
     return chunks

@@ -170,33 +170,6 @@ def test_weights_follow_their_tokens_across_chunks():
 
 
 @pytest.fixture(scope="module")
-def text_model_dir(tiny_diffusers, tmp_path_factory):
-    """The tiny model with a trained-looking final LayerNorm, converted by sdlite.
-
-    Freshly initialised, the final LayerNorm has weight 1 and bias 0, so every token's output has mean 0
-    and the emphasis rescale (original mean / weighted mean) divides noise by noise. Random weight and an
-    offset bias give the chunk a mean well away from 0 (as in real CLIP) and make the clip-skip norm's
-    parameters matter."""
-    import torch
-    from transformers import CLIPTextModel
-
-    from sdlite.convert.converter import convert
-
-    source = tmp_path_factory.mktemp("emphasis") / "diffusers"
-    shutil.copytree(tiny_diffusers, source)
-    model = CLIPTextModel.from_pretrained(source / "text_encoder")
-    norm = model.text_model.final_layer_norm
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        norm.weight.copy_(1 + 0.5 * torch.randn(norm.weight.shape, generator=gen))
-        norm.bias.copy_(0.3 + 0.2 * torch.randn(norm.bias.shape, generator=gen))
-    model.save_pretrained(source / "text_encoder")
-    out = source.parent / "onnx"
-    convert(str(source), out, quiet=True)
-    return source, out
-
-
-@pytest.fixture(scope="module")
 def torch_text(text_model_dir):
     from transformers import CLIPTextModel, CLIPTokenizer
 

@@ -7,6 +7,7 @@ from typing import Protocol
 
 import numpy as np
 
+from sdlite.engines.token_table import TokenRows
 from sdlite.errors import InputError
 
 ENGINES = ("onnx", "openvino")
@@ -33,16 +34,23 @@ def check_engine(engine: str) -> None:
 
 
 def load_engine(
-    path: Path, engine: str = "onnx", device: str = "CPU", threads: int | None = None, compute: str = "auto"
+    path: Path,
+    engine: str = "onnx",
+    device: str = "CPU",
+    threads: int | None = None,
+    compute: str = "auto",
+    token_rows: TokenRows | None = None,
 ) -> Engine:
-    """Load the graph at ``path`` in ``engine`` on ``device``, computing in ``compute`` precision."""
+    """Load the graph at ``path`` in ``engine`` on ``device``, computing in ``compute`` precision.
+    ``token_rows`` (text encoders only) are appended to the token-embedding table of the loaded copy of
+    the graph (textual inversion; ``sdlite.engines.token_table``)."""
     check_engine(engine)
     if engine == "onnx":
         from sdlite.engines.onnxruntime import OnnxRuntimeEngine
 
         if compute not in ("auto", "f32"):
             raise InputError(f"--compute {compute}: onnxruntime on CPU computes in f32; use --engine openvino")
-        return OnnxRuntimeEngine(path, device=device, threads=threads)
+        return OnnxRuntimeEngine(path, device=device, threads=threads, token_rows=token_rows)
     from sdlite.engines.openvino import OpenVinoEngine
 
-    return OpenVinoEngine(path, device=device, threads=threads, compute=compute)
+    return OpenVinoEngine(path, device=device, threads=threads, compute=compute, token_rows=token_rows)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 
+from sdlite.engines.token_table import TokenRows, extend_openvino_token_table
 from sdlite.errors import InputError, summarize
 
 # sdlite's compute names -> OpenVINO's inference precision hint; "auto" keeps the plugin's choice
@@ -47,7 +48,14 @@ class OpenVinoEngine:
     reshaped to the concrete input shapes and compiled at the first call, and again only when they change.
     Compiled blobs go to a cache folder, which makes the next process start in a fraction of the time."""
 
-    def __init__(self, path: Path, device: str = "CPU", threads: int | None = None, compute: str = "auto"):
+    def __init__(
+        self,
+        path: Path,
+        device: str = "CPU",
+        threads: int | None = None,
+        compute: str = "auto",
+        token_rows: TokenRows | None = None,
+    ):
         if not path.is_file():
             raise InputError(f"{path}: missing model file (the model folder is incomplete; convert again)")
         if path.suffix == ".xml" and not path.with_suffix(".bin").is_file():
@@ -63,15 +71,23 @@ class OpenVinoEngine:
             self._config["INFERENCE_PRECISION_HINT"] = COMPUTE_HINTS[compute]
         if threads:
             self._config["INFERENCE_NUM_THREADS"] = str(threads)
+        self._path = path
+        self._token_rows = token_rows
         try:
-            self._model = core().read_model(str(path))
+            self._model = self._read()
         except RuntimeError as exc:
             raise InputError(f"{path}: corrupt or unreadable model file ({summarize(exc)})") from None
-        self._path = path
         self._inputs = {port.get_any_name(): port for port in self._model.inputs}
         self.input_names = list(self._inputs)
         self._shapes: tuple | None = None
         self._request = None
+
+    def _read(self) -> ov.Model:
+        """The graph from its file, with the token rows appended when there are any."""
+        model = core().read_model(str(self._path))
+        if self._token_rows is not None:
+            extend_openvino_token_table(model, self._token_rows, self._path)
+        return model
 
     def _fit(self, name: str, value: np.ndarray) -> np.ndarray:
         port = self._inputs[name]
@@ -92,7 +108,7 @@ class OpenVinoEngine:
             # Some NNCF-compressed graphs carry shape constants that fail static shape inference at small
             # sizes; they still run with dynamic shapes.
             try:
-                compiled = core().compile_model(core().read_model(str(self._path)), self._device, self._config)
+                compiled = core().compile_model(self._read(), self._device, self._config)
             except RuntimeError as exc:
                 raise InputError(f"{self._path}: OpenVINO could not compile it ({summarize(exc)})") from None
         self._request = compiled.create_infer_request()
