@@ -31,6 +31,9 @@ def test_caption_is_plain_english():
     attrs = Attributes("triangle", "green", "yellow", "small", "top left")
     assert attrs.caption() == "a small green triangle on a yellow background, top left"
     assert attrs.caption(with_size=False, with_position=False) == "a green triangle on a yellow background"
+    orange = Attributes("circle", "orange", "orange")
+    assert orange.caption(with_size=False, with_position=False) == "an orange circle on an orange background"
+    assert orange.caption(with_position=False) == "a large orange circle on an orange background"
 
 
 def test_judge_is_exact_on_ground_truth():
