@@ -331,10 +331,17 @@ def test_every_precision_extends_its_token_table(text_model_dir, text_encoder_va
     np.testing.assert_allclose(extended, hidden(graph, plain), atol=1e-5, rtol=0)
     if precision == "fp32":
         np.testing.assert_allclose(hidden(graph, copied, rows), extended, atol=1e-5, rtol=0)
-    reference = hidden(text_encoder_variants[("onnx", "fp32")], random, rows)
-    got = hidden(graph, random, rows)
-    relative_rms = np.sqrt(np.mean((got - reference) ** 2) / np.mean(reference**2))
-    assert relative_rms < RELATIVE_RMS_BOUND.get(precision, 1e-5), relative_rms
+    # Against fp32: the variant errs on an embedding's rows as much as on plain words (measured: int8
+    # 3.0e-2 vs 2.8e-2, fp16 7e-4 vs 7e-4), and within the bound its export was validated against.
+    fp32 = text_encoder_variants[("onnx", "fp32")]
+
+    def relative_rms(got, reference):
+        return float(np.sqrt(np.mean((got - reference) ** 2) / np.mean(reference**2)))
+
+    with_rows = relative_rms(hidden(graph, random, rows), hidden(fp32, random, rows))
+    words_only = relative_rms(hidden(graph, plain), hidden(fp32, plain))
+    assert with_rows <= 1.5 * words_only + 1e-6, (with_rows, words_only)
+    assert with_rows < RELATIVE_RMS_BOUND.get(precision, 1e-5)
 
 
 def test_extended_onnx_is_a_valid_graph(text_model_dir, text_encoder_variants):
