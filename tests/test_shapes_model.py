@@ -68,9 +68,10 @@ def shipped():
 @pytest.mark.parametrize(
     ("prompt", "seed", "expected"),
     [
-        ("a red circle on a blue background", 1, ("circle", "red", "blue")),
-        ("a small green triangle on a yellow background, top left", 1, ("triangle", "green", "yellow")),
-        ("a purple circle on a green background", 1, ("circle", "purple", "green")),
+        ("a red circle on a blue background", 0, ("circle", "red", "blue")),
+        ("a small green triangle on a yellow background, top left", 0, ("triangle", "green", "yellow")),
+        # black on white is a held-out colour pair: never seen in training.
+        ("a black square on a white background", 0, ("square", "black", "white")),
     ],
 )
 def test_shipped_model_follows_the_prompt(shipped, prompt, seed, expected):
