@@ -35,8 +35,12 @@ def _check_choice(kind: str, requested: list[str], supported: tuple[str, ...]) -
         raise InputError(f"--{kind} {','.join(unknown)}: not supported; this version supports {', '.join(supported)}")
 
 
-def _model_index(pipe) -> dict:
-    """diffusers' model_index.json with optimum's ONNX pipeline component names."""
+def _model_index(pipe, feature_extractor=None) -> dict:
+    """diffusers' model_index.json with optimum's ONNX pipeline component names.
+
+    The safety checker stays ``[null, null]`` even when the folder holds one: optimum-intel's
+    OVStableDiffusionPipeline loads a listed ``safety_checker`` folder with PyTorch's ``from_pretrained``,
+    which an ONNX/IR-only folder cannot satisfy. sdlite finds the checker through its manifest and files."""
     index = {key: value for key, value in dict(pipe.config).items() if not key.startswith("_")}
     components = {
         "text_encoder": ["transformers", "CLIPTextModel"],
@@ -51,19 +55,24 @@ def _model_index(pipe) -> dict:
         "_diffusers_version": pipe.config.get("_diffusers_version"),
         "requires_safety_checker": False,
         "safety_checker": [None, None],
-        "feature_extractor": [None, None],
+        "feature_extractor": ["transformers", type(feature_extractor).__name__] if feature_extractor else [None, None],
         **components,
     }
 
 
-def _save_configs(pipe, folder: Path) -> None:
+def _save_configs(pipe, folder: Path, loaded=None) -> None:
     pipe.tokenizer.save_pretrained(folder / "tokenizer")
     pipe.scheduler.save_pretrained(folder / "scheduler")
     pipe.text_encoder.config.to_json_file(folder / "text_encoder" / "config.json")
     pipe.unet.save_config(folder / "unet")
     pipe.vae.save_config(folder / "vae_encoder")
     pipe.vae.save_config(folder / "vae_decoder")
-    (folder / "model_index.json").write_text(json.dumps(_model_index(pipe), indent=2) + "\n")
+    feature_extractor = loaded.feature_extractor if loaded and loaded.safety_checker is not None else None
+    if feature_extractor is not None:
+        # The runtime's preprocessing for the safety checker reads preprocessor_config.json (sdlite.safety).
+        feature_extractor.save_pretrained(folder / "feature_extractor")
+        loaded.safety_checker.config.to_json_file(folder / "safety_checker" / "config.json")
+    (folder / "model_index.json").write_text(json.dumps(_model_index(pipe, feature_extractor), indent=2) + "\n")
 
 
 def _variant_dir(root: Path, part: str, precision: str, precisions: list[str]) -> Path:
@@ -154,35 +163,42 @@ def convert(
     jobs = [
         (fmt, precision) for precision in precisions for fmt in formats if not (fmt == "onnx" and precision == "w8a8")
     ]
+    # Per part: the module it is exported from, its (format, precision) jobs, its precisions, its attention.
+    parts = {name: (pipe, jobs, precisions, attention) for name in COMPONENTS}
+    if loaded.safety_checker is not None:
+        # The safety checker only decides whether to black an image out: it is exported in fp32 only, in
+        # each format, so that a reduced precision can never flip its decision near a threshold.
+        parts["safety_checker"] = (loaded.safety_checker, [(fmt, "fp32") for fmt in formats], ["fp32"], "plain")
     failures = []
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        progress = tqdm(total=len(COMPONENTS) * (1 + len(jobs)), desc="convert", unit="step", disable=quiet)
-        for name in COMPONENTS:
-            spec = part_spec(name, pipe)
-            module = spec.wrap(pipe)
+        steps = sum(1 + len(part[1]) for part in parts.values())
+        progress = tqdm(total=steps, desc="convert", unit="step", disable=quiet)
+        for name, (source_model, part_jobs, part_precisions, part_attention) in parts.items():
+            spec = part_spec(name, source_model)
+            module = spec.wrap(source_model)
             progress.set_postfix_str(f"{name} onnx export")
-            exports_onnx_fp32 = "onnx" in formats and "fp32" in precisions
-            base_dir = _variant_dir(tmp, name, "fp32", precisions) if exports_onnx_fp32 else tmp / ".base" / name
-            dummy = spec.dummy_inputs(pipe, trace)
+            exports_onnx_fp32 = "onnx" in formats and "fp32" in part_precisions
+            base_dir = _variant_dir(tmp, name, "fp32", part_precisions) if exports_onnx_fp32 else tmp / ".base" / name
+            dummy = spec.dummy_inputs(source_model, trace)
             base = export_onnx(spec, module, dummy, base_dir)[0]
             if attention == "fused" and "onnx" in formats and name == "unet":
                 # The U-Net holds the big attention layers (the VAE's single mid-block one is left as is).
                 save_onnx(fuse_onnx_attention(base, 0, 0), base)
             progress.update()
-            check_inputs = spec.dummy_inputs(pipe, check)
+            check_inputs = spec.dummy_inputs(source_model, check)
             reference = reference_outputs(spec, module, check_inputs) if validate else None
             variants = []
-            for fmt, precision in jobs:
+            for fmt, precision in part_jobs:
                 progress.set_postfix_str(f"{name} {fmt} {precision}")
                 # Only the U-Net gets int8 activations; the other parts take int8 weights.
                 part_precision = "int8" if precision == "w8a8" and name != "unet" else precision
-                target_dir = _variant_dir(tmp, name, precision, precisions)
+                target_dir = _variant_dir(tmp, name, precision, part_precisions)
                 if fmt == "onnx" and precision == "fp32":
                     files = files_of(base)
                 else:
                     source_graph = (
                         _openvino_from_torch(spec, module, dummy)
-                        if fmt == "openvino" and attention == "fused"
+                        if fmt == "openvino" and part_attention == "fused"
                         else base
                     )
                     files = derive(
@@ -208,7 +224,7 @@ def convert(
                     Variant(
                         format=fmt,
                         precision=precision,
-                        attention=attention,
+                        attention=part_attention,
                         files={str(f.relative_to(tmp)): sha256_file(f) for f in files},
                         validation=validation,
                     )
@@ -219,6 +235,6 @@ def convert(
         shutil.rmtree(tmp / ".base", ignore_errors=True)
         if failures:
             raise ValidationError("export out of tolerance: " + "; ".join(failures))
-        _save_configs(pipe, tmp)
+        _save_configs(pipe, tmp, loaded)
         manifest.write(tmp)
     return manifest

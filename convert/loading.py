@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,11 +15,14 @@ _WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model
 
 @dataclass
 class LoadedCheckpoint:
-    """A diffusers pipeline with what the manifest records about where it came from."""
+    """A diffusers pipeline with what the manifest records about where it came from, and the checkpoint's
+    safety checker with its feature extractor when it has one (single files never do)."""
 
     pipe: object
     name: str
     sha256: str | None
+    safety_checker: object | None = None
+    feature_extractor: object | None = None
 
 
 def _unet_weights(folder: Path) -> Path | None:
@@ -45,6 +49,26 @@ def _load_folder(folder: Path):
         )
     except (OSError, ValueError, KeyError) as exc:
         raise InputError(f"{folder}: could not be loaded as a diffusers pipeline ({summarize(exc)})") from None
+
+
+def _load_safety_checker(folder: Path) -> tuple[object | None, object | None]:
+    """The folder's ``StableDiffusionSafetyChecker`` and ``CLIPImageProcessor`` when model_index.json lists a
+    safety checker, else (None, None). The pipeline itself is loaded without them (so that nothing else in
+    conversion runs the checker); they are exported as a part of their own."""
+    index = json.loads((folder / "model_index.json").read_text())
+    if not (index.get("safety_checker") or [None])[0]:
+        return None, None
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPImageProcessor
+
+    try:
+        checker = StableDiffusionSafetyChecker.from_pretrained(folder / "safety_checker", torch_dtype=_float32())
+        processor = CLIPImageProcessor.from_pretrained(folder / "feature_extractor")
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(
+            f"{folder}: model_index.json lists a safety checker that could not be loaded ({summarize(exc)})"
+        ) from None
+    return checker.eval(), processor
 
 
 def _load_single_file(path: Path, allow_pickle: bool):
@@ -86,8 +110,10 @@ def load_checkpoint(source: str, allow_pickle: bool = False) -> LoadedCheckpoint
     ``allow_pickle``, and even then only their tensors are read.
     """
     path = Path(source)
+    checker = processor = None
     if path.is_dir():
         pipe = _load_folder(path)
+        checker, processor = _load_safety_checker(path)
         weights = _unet_weights(path)
         sha = sha256_file(weights) if weights else None
         name = path.resolve().name
@@ -107,6 +133,7 @@ def load_checkpoint(source: str, allow_pickle: bool = False) -> LoadedCheckpoint
                 f"{source}: not a local path, and the hub id could not be fetched ({type(exc).__name__})"
             ) from exc
         pipe = _load_folder(folder)
+        checker, processor = _load_safety_checker(folder)
         weights = _unet_weights(folder)
         sha = sha256_file(weights) if weights else None
         name = source.split("/")[-1]
@@ -115,4 +142,4 @@ def load_checkpoint(source: str, allow_pickle: bool = False) -> LoadedCheckpoint
             f"{source}: no such file or folder (expected a diffusers folder, a .safetensors file or a hub id)"
         )
     _check_supported(pipe, source)
-    return LoadedCheckpoint(pipe=pipe, name=name, sha256=sha)
+    return LoadedCheckpoint(pipe=pipe, name=name, sha256=sha, safety_checker=checker, feature_extractor=processor)

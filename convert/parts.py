@@ -80,6 +80,45 @@ class _VaeDecoder(torch.nn.Module):
         return self.vae.decode(latent_sample, return_dict=False)[0]
 
 
+class _SafetyChecker(torch.nn.Module):
+    """diffusers' ``StableDiffusionSafetyChecker.forward`` as one traceable graph.
+
+    Inputs and outputs are those of diffusers' own ONNX export of the checker (``clip_input`` (N, 3, 224, 224)
+    from the feature extractor, ``images`` (N, H, W, 3) -> ``out_images`` with flagged images zeroed,
+    ``has_nsfw_concepts`` (N,) bool), so the graph also runs in diffusers' ``OnnxStableDiffusionPipeline``.
+    The decision is ``forward``'s, the one diffusers' PyTorch pipelines use, rather than ``forward_onnx``'s:
+    ``forward`` rounds every score to 3 decimals before testing ``> 0`` (so scores under 0.0005 do not flag),
+    and adds 0.01 to the concept scores of an image that any special-care concept flags.
+    """
+
+    def __init__(self, checker: torch.nn.Module):
+        super().__init__()
+        self.checker = checker
+
+    def forward(self, clip_input, images):
+        from diffusers.pipelines.stable_diffusion.safety_checker import cosine_distance
+
+        checker = self.checker
+        image_embeds = checker.visual_projection(checker.vision_model(clip_input)[1])
+        special = cosine_distance(image_embeds, checker.special_care_embeds) - checker.special_care_embeds_weights
+        # round(score, 3) > 0 in float32, as numpy rounds (x * 1000, round half to even, / 1000).
+        special_care = torch.any(torch.round(special * 1000) > 0, dim=1)
+        adjustment = special_care.to(special.dtype)[:, None] * 0.01
+        concept = cosine_distance(image_embeds, checker.concept_embeds) - checker.concept_embeds_weights + adjustment
+        has_nsfw_concepts = torch.any(torch.round(concept * 1000) > 0, dim=1)
+        out_images = torch.where(has_nsfw_concepts[:, None, None, None], torch.zeros_like(images), images)
+        return out_images, has_nsfw_concepts
+
+
+def _checker_inputs(checker, size: ExportSize) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(size.height)
+    side = checker.config.vision_config.image_size
+    return {
+        "clip_input": torch.randn(size.batch, 3, side, side, generator=gen),
+        "images": torch.rand(size.batch, size.height, size.width, 3, generator=gen),
+    }
+
+
 def vae_scale_factor(pipe) -> int:
     """Pixels per latent cell (8 for every SD VAE)."""
     return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
@@ -159,6 +198,17 @@ PARTS: dict[str, PartSpec] = {
         rtol=1e-3,
         wrap=lambda pipe: _VaeDecoder(pipe.vae),
         dummy_inputs=_latents,
+    ),
+    # Exported from the checkpoint's safety checker (not from ``pipe``): its wrap and dummy inputs take the
+    # ``StableDiffusionSafetyChecker`` itself.
+    "safety_checker": PartSpec(
+        name="safety_checker",
+        inputs={"clip_input": {0: "batch"}, "images": {0: "batch", 1: "height", 2: "width"}},
+        outputs={"out_images": {0: "batch", 1: "height", 2: "width"}, "has_nsfw_concepts": {0: "batch"}},
+        atol=1e-4,
+        rtol=1e-3,
+        wrap=_SafetyChecker,
+        dummy_inputs=_checker_inputs,
     ),
 }
 

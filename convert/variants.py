@@ -62,7 +62,15 @@ def openvino_ir(base, out_dir: Path, precision: str, calibration: Sequence[dict]
     import openvino as ov
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = ov.convert_model(str(base)) if isinstance(base, Path) else base()
+    if isinstance(base, Path):
+        model = ov.convert_model(str(base))
+        # convert_model folds a no-op Cast that follows an input into it and gives the input the Cast's name
+        # too (the safety checker's clip_input also becomes "/vision_model/.../Cast_output_0"); keep only the
+        # ONNX input's own name, which runtimes look the input up by.
+        for port in model.inputs:
+            port.get_tensor().set_names({port.get_node().get_friendly_name()})
+    else:
+        model = base()
     if precision == "int8":
         import nncf
 

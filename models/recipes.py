@@ -2,6 +2,9 @@
 
 ``tiny``: the SD 1.5 architecture (same block types, attention layout, VAE depth and CLIP text encoder
 with the real BPE vocabulary) at toy width; random weights; built in seconds, for tests.
+``tiny-safety``: ``tiny`` with a toy safety checker (diffusers' ``StableDiffusionSafetyChecker`` on a small
+random CLIP vision tower) whose one live concept is "red": images whose embedding is close to a solid red
+image's are flagged. For the safety-checker tests.
 ``sd15-random``: the full SD 1.5 architecture (859.5M-parameter U-Net) with random weights, for speed
 and memory figures.
 """
@@ -50,6 +53,8 @@ class Widths:
     sample_size: int
     # 9 for inpainting U-Nets: noisy latents (4) + mask (1) + masked-image latents (4).
     unet_in_channels: int = 4
+    # A toy safety checker and its feature extractor (see ``tiny_safety_checker``).
+    safety_checker: bool = False
 
 
 _TINY = Widths(
@@ -70,6 +75,7 @@ _TINY = Widths(
 RECIPES: dict[str, Widths] = {
     "tiny": _TINY,
     "tiny-inpaint": dataclasses.replace(_TINY, unet_in_channels=9),
+    "tiny-safety": dataclasses.replace(_TINY, safety_checker=True),
     "sd15-random": Widths(
         unet_channels=(320, 640, 1280, 1280),
         unet_layers=2,
@@ -85,6 +91,57 @@ RECIPES: dict[str, Widths] = {
         sample_size=64,
     ),
 }
+
+
+# The toy checker's live concepts: a solid colour each, and the cosine similarity above which an image counts as
+# that concept. On the random tower, a solid red image is at cosine 0.96 from orange, 0.93 from dark red, 0.90
+# from yellow, 0.67 from green and 0.39 from blue. The special-care concept ("green") adds diffusers' 0.01
+# adjustment to every concept score of an image that triggers it.
+RED, GREEN = (220, 30, 30), (30, 200, 30)
+SAFETY_CONCEPT_THRESHOLD = 0.92
+SAFETY_SPECIAL_THRESHOLD = 0.97
+
+
+def tiny_safety_checker(seed: int = 0):
+    """A ``StableDiffusionSafetyChecker`` with a 2-layer, 32-wide CLIP vision tower (random weights, 224x224
+    input, 32-pixel patches) and its ``CLIPImageProcessor``.
+
+    Concept 0 is the projected embedding of a solid red image with threshold ``SAFETY_CONCEPT_THRESHOLD``,
+    special-care concept 0 that of a solid green one with ``SAFETY_SPECIAL_THRESHOLD``; the other 16 concepts
+    and 2 special-care concepts are random directions with threshold 1, which a cosine never exceeds."""
+    import torch
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from PIL import Image
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4},
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 224,
+            "patch_size": 32,
+        },
+        projection_dim=16,
+    )
+    checker = StableDiffusionSafetyChecker(config).eval()
+    processor = CLIPImageProcessor()
+    solid = [Image.new("RGB", (64, 64), colour) for colour in (RED, GREEN)]
+    with torch.no_grad():
+        pixels = processor(solid, return_tensors="pt").pixel_values
+        red, green = checker.visual_projection(checker.vision_model(pixels)[1])
+        checker.concept_embeds.copy_(torch.randn_like(checker.concept_embeds))
+        checker.concept_embeds[0] = red
+        checker.concept_embeds_weights.fill_(1.0)
+        checker.concept_embeds_weights[0] = SAFETY_CONCEPT_THRESHOLD
+        checker.special_care_embeds.copy_(torch.randn_like(checker.special_care_embeds))
+        checker.special_care_embeds[0] = green
+        checker.special_care_embeds_weights.fill_(1.0)
+        checker.special_care_embeds_weights[0] = SAFETY_SPECIAL_THRESHOLD
+    return checker, processor
 
 
 def build_pipeline(widths: Widths, seed: int = 0):
@@ -138,15 +195,16 @@ def build_pipeline(widths: Widths, seed: int = 0):
         tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     scheduler = PNDMScheduler.from_config(SD15_SCHEDULER)
     pipeline_class = StableDiffusionInpaintPipeline if widths.unet_in_channels == 9 else StableDiffusionPipeline
+    checker, processor = tiny_safety_checker(seed) if widths.safety_checker else (None, None)
     return pipeline_class(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
         scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        safety_checker=checker,
+        feature_extractor=processor,
+        requires_safety_checker=checker is not None,
     )
 
 

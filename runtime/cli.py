@@ -60,6 +60,7 @@ def _load_pipeline(args: argparse.Namespace):
         low_memory=args.low_memory,
         compute=args.compute,
         vae_tiling=args.vae_tiling,
+        safety_checker=not args.no_safety_checker,
         embeddings=args.embeddings,
     )
 
@@ -124,6 +125,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         save_png(image, path)
         if not args.quiet:
             print(path)
+    flags = getattr(images, "nsfw_content_detected", None)  # None when no safety checker ran
+    flagged = [str(path) for path, flag in zip(outputs, flags, strict=True) if flag] if flags else []
+    if flagged:
+        # Reported even with --quiet: the user would otherwise find black images and no reason.
+        print(
+            f"warning: the model's safety checker flagged {len(flagged)} of {len(outputs)} image(s) "
+            f"({', '.join(flagged)}); they were saved black (--no-safety-checker turns the check off)",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -186,7 +196,7 @@ def cmd_info(args: argparse.Namespace) -> int:
                 worst = max(variant.validation["max_abs_diff"].values())
                 check = f"  max|diff| vs PyTorch {worst:.1e} {'ok' if variant.validation['passed'] else 'FAILED'}"
             print(
-                f"{component:<13}{variant.format:<9}{variant.precision:<6}{variant.attention:<7}"
+                f"{component:<15}{variant.format:<9}{variant.precision:<6}{variant.attention:<7}"
                 f"{size / 2**20:9.1f} MiB{check}"
             )
     return 0
@@ -237,6 +247,11 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
         "--watermark",
         action="store_true",
         help="invisible 'StableDiffusionV1' mark that invisible-watermark's dwtDct decoder reads (images >= 256x256)",
+    )
+    parser.add_argument(
+        "--no-safety-checker",
+        action="store_true",
+        help="do not run the model's safety checker (by default flagged images are saved black)",
     )
     parser.add_argument("-o", "--output", help="output PNG (default: sdlite-SEED.png)")
     parser.add_argument("--quiet", action="store_true")

@@ -27,7 +27,8 @@ def _read_json(path: Path) -> dict:
 def _infer_manifest(folder: Path) -> Manifest:
     """Describe a folder without ``sdlite.json`` (e.g. from ``optimum-cli export``) from its files."""
     components: dict[str, list[Variant]] = {}
-    for component in ("text_encoder", "unet", "vae_encoder", "vae_decoder"):
+    # safety_checker/model.onnx: diffusers' ONNX conversion script writes one (same inputs as sdlite's).
+    for component in ("text_encoder", "unet", "vae_encoder", "vae_decoder", "safety_checker"):
         for fmt, graph in GRAPH_FILES.items():
             if (folder / component / graph).is_file():
                 components.setdefault(component, []).append(

@@ -26,7 +26,9 @@ from sdlite.images import resize_to, to_pil, to_pixels, to_unit, working_size
 from sdlite.infotext import format_infotext
 from sdlite.masks import check_not_empty, masked_region, outpaint_canvas, paste_back, prepare_mask
 from sdlite.model_folder import ModelFolder
+from sdlite.results import ImageArray, Images
 from sdlite.rng import A1111_RNG, DEFAULT_SOURCE, SOURCES, NoiseGenerator
+from sdlite.safety import ClipPreprocessing, check_images, load_preprocessing
 from sdlite.tokenizer import CLIPTokenizer
 from sdlite.vae import Vae
 from sdlite.watermark import check_watermark_size, encode_watermark
@@ -119,6 +121,10 @@ def check_size(width: int, height: int) -> None:
 class Pipeline:
     """Text-to-image generation on a converted-model folder.
 
+    When the folder holds the checkpoint's safety checker, it runs on every finished image unless
+    ``safety_checker=False``: flagged images come back black, and the result's ``nsfw_content_detected``
+    holds one flag per image (``sdlite.results``).
+
     ``low_memory`` loads each part (text encoder, U-Net, VAE decoder) just before it runs and releases it
     afterwards, so peak memory is the largest part rather than their sum. ``embeddings`` is a folder of
     textual-inversion embeddings that prompts can name (``sdlite.embeddings``).
@@ -134,6 +140,7 @@ class Pipeline:
         threads: int | None = None,
         compute: str = "auto",
         vae_tiling: str = "auto",
+        safety_checker: bool = True,
         embeddings: str | Path | None = None,
     ):
         check_engine(engine)
@@ -151,6 +158,13 @@ class Pipeline:
             name: folder.graph(name, ENGINE_FORMATS[engine], precision)
             for name in ("text_encoder", "unet", "vae_decoder")
         }
+        # The checkpoint's safety checker runs by default when the folder has one (fp32 only, in the format
+        # the engine prefers); safety_checker=False never loads it.
+        self.safety_checker = safety_checker and bool(folder.variants("safety_checker"))
+        self._safety_preprocessing: ClipPreprocessing | None = None
+        if self.safety_checker:
+            self._graphs["safety_checker"] = folder.graph("safety_checker", ENGINE_FORMATS[engine])
+            self._safety_preprocessing = load_preprocessing(folder.path)
         self.embeddings = (
             EmbeddingLibrary.load(embeddings, self.tokenizer.tokenize, self.tokenizer.vocab_size, folder.text_width)
             if embeddings is not None
@@ -178,6 +192,7 @@ class Pipeline:
         threads: int | None = None,
         compute: str = "auto",
         vae_tiling: str = "auto",
+        safety_checker: bool = True,
         embeddings: str | Path | None = None,
     ) -> Pipeline:
         """Open the converted-model folder at ``path`` and load its parts in ``engine`` on ``device``.
@@ -195,6 +210,7 @@ class Pipeline:
             threads=threads,
             compute=compute,
             vae_tiling=vae_tiling,
+            safety_checker=safety_checker,
             embeddings=embeddings,
         )
 
@@ -223,8 +239,9 @@ class Pipeline:
                 self._graphs[name] = self.folder.graph(name, ENGINE_FORMATS[self.engine_name], self.precision)
             # CLIP's causal mask is built from float32's lowest value times 0/1 flags; in bf16 that value
             # rounds to -inf and 0 * -inf gives NaN. The text encoder is a tiny share of the work, so it
-            # always computes in f32.
-            compute = "f32" if name == "text_encoder" else self.compute
+            # always computes in f32. So does the safety checker, whose thresholds decide whether an image
+            # is blacked out (it runs once per image).
+            compute = "f32" if name in ("text_encoder", "safety_checker") else self.compute
             # Textual-inversion vectors become new rows of the text encoder's token table in the loaded copy.
             rows = self.embeddings.rows if name == "text_encoder" and self.embeddings is not None else None
             token_rows = TokenRows(self.embeddings.first_id, rows) if rows is not None and rows.size else None
@@ -603,15 +620,20 @@ class Pipeline:
         output_type: str,
         size: str | None = None,
     ) -> list[Image.Image] | np.ndarray:
-        """Decoded images (N, H, W, 3) in 0..1 -> what the caller gets: watermarked when asked (on the 8-bit
-        image, after everything else, as the original SD scripts did), then PIL images with their infotext
-        or, for ``output_type="np"``, the float array."""
+        """Decoded images (N, H, W, 3) in 0..1 -> what the caller gets: checked by the safety checker (flagged
+        images blacked out), watermarked when asked (on the 8-bit image, after the check, as the original SD
+        scripts did), then PIL images with their infotext or, for ``output_type="np"``, the float array; both
+        carry the flags as ``nsfw_content_detected``."""
+        flags = None
+        if self.safety_checker:
+            images, flags = check_images(images, lambda: self._engine("safety_checker"), self._safety_preprocessing)
+            self._done_with("safety_checker")
         if request.watermark:
             pixels = [encode_watermark(np.asarray(image)) for image in to_pil(images)]
             images = np.stack(pixels).astype(np.float32) / 255.0
         if output_type == "np":
-            return images
-        return self._with_infotext(images, request, extra, size)
+            return ImageArray.of(images, flags)
+        return Images(self._with_infotext(images, request, extra, size), flags)
 
     def _with_infotext(
         self, images: np.ndarray, request: GenerationRequest, extra: dict[str, object], size: str | None = None
