@@ -127,4 +127,10 @@ def fuse_onnx_attention(graph, num_heads: int, hidden_size: int):
         opt_level=0,
         use_gpu=False,
     )
-    return model.model
+    fused = model.model
+    # The optimizer emits com.microsoft contrib ops (Attention, MultiHeadAttention) without always declaring
+    # that domain; onnx's shape inference (used by the fp16 conversion) then refuses the graph.
+    if not any(entry.domain == "com.microsoft" for entry in fused.opset_import):
+        entry = fused.opset_import.add()
+        entry.domain, entry.version = "com.microsoft", 1
+    return fused
