@@ -90,6 +90,20 @@ def _classifier(n_per_shape: int = 60, seed: int = 7) -> tuple[np.ndarray, np.nd
     return centroids, mean, std
 
 
+def position(image: Image.Image | np.ndarray) -> str:
+    """Where the shape sits: "center", "top left", ... ("none" without a shape), read from the centre of
+    the foreground's bounding box (not its centroid, which sits low in a triangle). Ground-truth boxes are
+    centred at 32, 24/40 (large) or 16/48 (small), each +-3 px of jitter, so 28.5..35.5 reads as central."""
+    mask = _foreground(np.asarray(image, dtype=np.float32)[..., :3])[1]
+    if mask.sum() < 12:
+        return "none"
+    ys, xs = np.nonzero(mask)
+    cy, cx = ((v.min() + v.max() + 1) / 2 * 64 / mask.shape[i] for i, v in enumerate((ys, xs)))
+    vertical = "top" if cy < 28.5 else "bottom" if cy > 35.5 else ""
+    horizontal = "left" if cx < 28.5 else "right" if cx > 35.5 else ""
+    return f"{vertical} {horizontal}" if vertical and horizontal else "center"
+
+
 def judge(image: Image.Image | np.ndarray) -> Verdict:
     """Judge one RGB image (any size; shapes images are 64x64)."""
     arr = np.asarray(image, dtype=np.float32)[..., :3]

@@ -2,8 +2,10 @@
 
     python -m sdlite.benchmarks.shapes_modes [-m MODEL] [--prompts 60]
 
-- img2img at strength 0.3 from a ground-truth image, prompted with *another* shape colour: a light touch
-  must keep the source's shape colour and background (SDEdit keeps the composition at low strength).
+- img2img at strength 0.3 from a ground-truth image in a corner, prompted with its caption without the
+  position phrase: a light touch must keep the shape's colour and its corner (SDEdit keeps the composition
+  at low strength), where txt2img from the same prompt puts the shape anywhere.
+- img2img at strength 0.3 prompted with *another* shape colour: which one wins, the image or the prompt.
 - inpainting the shape's box (grown by 4 px), prompted with another shape colour: the shape must take the
   prompt's colour while the background stays.
 Each figure is the fraction of prompts the independent judge (sdlite.benchmarks.judge) scores correct.
@@ -20,9 +22,9 @@ import numpy as np
 from PIL import Image, ImageFilter
 from tqdm.auto import tqdm
 
-from sdlite.benchmarks.judge import judge
+from sdlite.benchmarks.judge import judge, position
 from sdlite.models import default_model_path
-from sdlite.models.shapes_data import COLOURS, PALETTE, eval_prompts, render
+from sdlite.models.shapes_data import COLOURS, PALETTE, POSITIONS, eval_prompts, render
 from sdlite.pipeline import Pipeline
 
 
@@ -41,14 +43,32 @@ def evaluate(pipe: Pipeline, n: int, steps: int, seed: int, progress: bool = Tru
     """Run both checks on ``n`` evaluation prompts; returns the fractions the judge scores correct."""
     rng = random.Random(seed)
     counts = dict.fromkeys(
-        ("img2img keeps colour", "img2img keeps background", "inpaint new colour", "inpaint keeps background"), 0
+        (
+            "img2img keeps colour",
+            "img2img keeps background",
+            "img2img keeps the corner",
+            "(txt2img, same prompt, lands in that corner)",
+            "img2img with another colour prompted keeps the source's",
+            "inpaint new colour",
+            "inpaint keeps background",
+        ),
+        0,
     )
+    corners = [p for p in POSITIONS if p != "center"]
     for i, attrs in enumerate(tqdm(eval_prompts(n), desc="shapes modes", disable=not progress)):
+        cornered = dataclasses.replace(attrs, position=corners[i % len(corners)])
+        prompt = cornered.caption(with_position=False)
+        kept = pipe.img2img(prompt, render(cornered), strength=0.3, steps=steps, seed=seed + i, progress=False)[0]
+        verdict = judge(kept)
+        counts["img2img keeps colour"] += verdict.colour == attrs.colour
+        counts["img2img keeps background"] += verdict.background == attrs.background
+        counts["img2img keeps the corner"] += position(kept) == cornered.position
+        fresh = pipe.txt2img(prompt, steps=steps, seed=seed + i, progress=False)[0]
+        counts["(txt2img, same prompt, lands in that corner)"] += position(fresh) == cornered.position
         source = render(attrs)
         other = dataclasses.replace(attrs, colour=_other_colour(attrs, rng))
-        kept = judge(pipe.img2img(other.caption(), source, strength=0.3, steps=steps, seed=seed + i, progress=False)[0])
-        counts["img2img keeps colour"] += kept.colour == attrs.colour
-        counts["img2img keeps background"] += kept.background == attrs.background
+        recoloured = pipe.img2img(other.caption(), source, strength=0.3, steps=steps, seed=seed + i, progress=False)
+        counts["img2img with another colour prompted keeps the source's"] += judge(recoloured[0]).colour == attrs.colour
         painted = judge(
             pipe.inpaint(
                 other.caption(),
