@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from sdlite.benchmarks.judge import judge, score
+from sdlite.benchmarks.judge import judge, position, score
 from sdlite.models import default_model_path
 from sdlite.models.shapes_data import HELD_OUT_PAIRS, Attributes, eval_prompts, render, samples
 
@@ -39,8 +39,10 @@ def test_caption_is_plain_english():
 def test_judge_is_exact_on_ground_truth():
     prompts = eval_prompts(150, seed=5)
     rng = random.Random(0)
-    verdicts = [judge(render(a, (rng.randint(-3, 3), rng.randint(-3, 3)))) for a in prompts]
+    images = [render(a, (rng.randint(-3, 3), rng.randint(-3, 3))) for a in prompts]
+    verdicts = [judge(image) for image in images]
     assert score(verdicts, prompts) == {"colour": 1.0, "background": 1.0, "shape": 1.0, "all": 1.0}
+    assert [position(image) for image in images] == [a.position for a in prompts]
 
 
 def test_judge_sees_no_shape_on_a_flat_image():
