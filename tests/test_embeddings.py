@@ -14,6 +14,7 @@ import shutil
 
 import numpy as np
 import pytest
+from a1111_reference import encode_chunks
 
 from sdlite.errors import InputError
 
@@ -188,24 +189,8 @@ def torch_with_rows(text_model_dir, ours):
 
 def _torch_chunks(torch_with_rows, chunks: list[list[tuple[int, float]]], clip_skip: int = 1) -> np.ndarray:
     """A1111's conditioning of explicit chunks of (id, weight): encode, weight, restore the mean, concatenate."""
-    import torch
-
     tokenizer, model = torch_with_rows
-    outputs = []
-    for row in chunks:
-        ids = [tokenizer.bos_token_id, *[t for t, _ in row], tokenizer.eos_token_id]
-        ids += [tokenizer.pad_token_id] * (77 - len(ids))
-        weights = torch.tensor([1.0, *[w for _, w in row], *[1.0] * (76 - len(row))])
-        with torch.no_grad():
-            out = model(torch.tensor([ids]), output_hidden_states=True)
-            z = out.last_hidden_state[0]
-            if clip_skip > 1:
-                z = model.text_model.final_layer_norm(out.hidden_states[-clip_skip][0])
-        mean = z.mean()
-        z = z * weights[:, None]
-        z = z * (mean / z.mean())
-        outputs.append(z.numpy())
-    return np.concatenate(outputs)[None]
+    return encode_chunks(tokenizer, model, chunks, clip_skip)
 
 
 def _words(torch_with_rows, text: str, weight: float = 1.0) -> list[tuple[int, float]]:

@@ -11,6 +11,7 @@ import shutil
 
 import numpy as np
 import pytest
+from a1111_reference import encode_chunks
 
 from sdlite.errors import InputError
 from sdlite.prompts import parse_prompt, prompt_chunks
@@ -190,7 +191,6 @@ def _reference(torch_text, pieces, clip_skip: int = 1, breaks: tuple[int, ...] =
     """A1111's conditioning written out directly: tokenize each (text, weight) piece, cut into 75-token
     chunks (also before each piece index in ``breaks``), encode each chunk, weight, restore the mean,
     concatenate. No commas in these prompts, so the comma rule never applies."""
-    import torch
 
     tokenizer, model = torch_text
     rows: list[list[tuple[int, float]]] = [[]]
@@ -201,22 +201,7 @@ def _reference(torch_text, pieces, clip_skip: int = 1, breaks: tuple[int, ...] =
             if len(rows[-1]) == 75:
                 rows.append([])
             rows[-1].append((token, weight))
-    outputs = []
-    for row in rows:
-        ids = [tokenizer.bos_token_id, *[t for t, _ in row], tokenizer.eos_token_id]
-        ids += [tokenizer.pad_token_id] * (77 - len(ids))
-        weights = torch.tensor([1.0, *[w for _, w in row], *[1.0] * (76 - len(row))])
-        with torch.no_grad():
-            out = model(torch.tensor([ids]), output_hidden_states=True)
-            z = out.last_hidden_state[0]
-            if clip_skip > 1:
-                # A1111's clip skip: hidden_states[-N], then the final layer norm.
-                z = model.text_model.final_layer_norm(out.hidden_states[-clip_skip][0])
-        mean = z.mean()
-        z = z * weights[:, None]
-        z = z * (mean / z.mean())
-        outputs.append(z.numpy())
-    return np.concatenate(outputs)[None]
+    return encode_chunks(tokenizer, model, rows, clip_skip)
 
 
 def test_plain_prompt_gives_diffusers_ids_and_last_hidden_state(torch_text, ours):

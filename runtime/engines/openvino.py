@@ -74,10 +74,15 @@ class OpenVinoEngine:
         self._path = path
         self._token_rows = token_rows
         try:
-            self._model = self._read()
+            self._model: ov.Model | None = self._read()
         except RuntimeError as exc:
             raise InputError(f"{path}: corrupt or unreadable model file ({summarize(exc)})") from None
-        self._inputs = {port.get_any_name(): port for port in self._model.inputs}
+        # Names, types and ranks only: a port object would keep the graph, and with it the mapped weights
+        # file, alive after compilation.
+        self._inputs = {
+            port.get_any_name(): (port.get_element_type().to_dtype(), port.get_partial_shape().rank.get_length())
+            for port in self._model.inputs
+        }
         self.input_names = list(self._inputs)
         self._shapes: tuple | None = None
         self._request = None
@@ -90,9 +95,9 @@ class OpenVinoEngine:
         return model
 
     def _fit(self, name: str, value: np.ndarray) -> np.ndarray:
-        port = self._inputs[name]
-        value = np.asarray(value, dtype=port.get_element_type().to_dtype())
-        if port.get_partial_shape().rank.get_length() == 0 and value.ndim == 1:
+        dtype, rank = self._inputs[name]
+        value = np.asarray(value, dtype=dtype)
+        if rank == 0 and value.ndim == 1:
             value = value[:1].reshape(())
         return value
 
@@ -101,9 +106,13 @@ class OpenVinoEngine:
         if shapes == self._shapes:
             return
         self._request = None  # free the previous compilation first
+        model = self._model if self._model is not None else self._read()
+        # The compiled model holds its own (repacked) weights; the graph read from disk keeps the whole weights
+        # file mapped and resident (RssFile), so it is dropped and read again only if the shapes change.
+        self._model = None
         try:
-            self._model.reshape({name: ov.PartialShape(list(shape)) for name, shape in shapes})
-            compiled = core().compile_model(self._model, self._device, self._config)
+            model.reshape({name: ov.PartialShape(list(shape)) for name, shape in shapes})
+            compiled = core().compile_model(model, self._device, self._config)
         except RuntimeError:
             # Some NNCF-compressed graphs carry shape constants that fail static shape inference at small
             # sizes; they still run with dynamic shapes.
