@@ -130,3 +130,15 @@ def test_truncated_bin(damaged):
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(InputError):
         Pipeline.load(damaged, engine="openvino", precision="fp32").txt2img(PROMPT, steps=1, progress=False)
+
+
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_openvino_blob_cache_only_outside_low_memory(tiny_onnx, tmp_path, monkeypatch, low_memory):
+    """A cache hit peaks higher than a fresh compile (README), so low-memory runs never write or read blobs."""
+    from sdlite import Pipeline
+
+    monkeypatch.setenv("SDLITE_CACHE", str(tmp_path))
+    pipe = Pipeline.load(tiny_onnx, engine="openvino", low_memory=low_memory)
+    pipe.txt2img("a red circle", steps=1, seed=0, progress=False)
+    blobs = list(tmp_path.rglob("*.blob"))
+    assert (len(blobs) == 0) == low_memory
