@@ -105,6 +105,33 @@ def unet_flops(onnx_path: Path, batch: int, height: int, width: int, context_len
         if node.op_type in COUNTED_OPS:
             flops = _node_flops(node, shapes)
             if flops is None:
-                return None
+                return _openvino_flops(onnx_path, {name: dims for name, dims in concrete.items() if dims})
             total += flops
+    return total
+
+
+def _openvino_flops(onnx_path: Path, input_shapes: dict[str, list[int]]) -> int | None:
+    """The same count from OpenVINO's shape inference, which follows what onnx's cannot (sliced attention's
+    run-time Slice bounds, the timestep embedding's Cast): ONNX Gemm arrives as MatMul, Conv as Convolution."""
+    import openvino as ov
+
+    model = ov.Core().read_model(str(onnx_path))
+    model.reshape({name: ov.PartialShape(dims) for name, dims in input_shapes.items()})
+    total = 0
+    for op in model.get_ordered_ops():
+        kind = op.get_type_name()
+        if kind not in ("Convolution", "GroupConvolution", "MatMul"):
+            continue
+        output = op.get_output_partial_shape(0)
+        a, b = (op.get_input_partial_shape(i) for i in (0, 1))
+        if not (output.is_static and a.is_static and b.is_static):
+            return None
+        out, a, b = (list(s.to_shape()) for s in (output, a, b))
+        if kind == "Convolution":  # weights (C_out, C_in, kH, kW)
+            total += 2 * math.prod(out) * math.prod(b[1:])
+        elif kind == "GroupConvolution":  # weights (groups, C_out / g, C_in / g, kH, kW)
+            total += 2 * math.prod(out) * math.prod(b[2:])
+        else:
+            k = a[-2] if op.get_attributes().get("transpose_a") and len(a) > 1 else a[-1]
+            total += 2 * math.prod(out) * k
     return total

@@ -56,14 +56,19 @@ def test_unet_flops_match_torch_flop_counter(tiny_diffusers, tiny_onnx):
     from diffusers.models.attention_processor import AttnProcessor
     from torch.utils.flop_counter import FlopCounterMode
 
-    from sdlite.benchmarks.flops import unet_flops
+    from sdlite.benchmarks.flops import _openvino_flops, unet_flops
 
     unet = UNet2DConditionModel.from_pretrained(tiny_diffusers / "unet")
     unet.set_attn_processor(AttnProcessor())
     context = torch.zeros(2, 77, unet.config.cross_attention_dim)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         unet(torch.zeros(2, 4, 8, 8), torch.tensor(10.0), context)
-    assert unet_flops(tiny_onnx / "unet" / "model.onnx", 2, 64, 64) == counter.get_total_flops()
+    graph = tiny_onnx / "unet" / "model.onnx"
+    assert unet_flops(graph, 2, 64, 64) == counter.get_total_flops()
+    # The OpenVINO-inferred count, used when onnx's shape inference cannot follow a graph (sliced attention).
+    context_shape = [2, 77, unet.config.cross_attention_dim]
+    shapes = {"sample": [2, 4, 8, 8], "encoder_hidden_states": context_shape}
+    assert _openvino_flops(graph, shapes) == counter.get_total_flops()
 
 
 def test_peak_tracker_sees_a_stage_allocation():
