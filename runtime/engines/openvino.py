@@ -111,8 +111,9 @@ class OpenVinoEngine:
             return
         self._request = None  # free the previous compilation first
         model = self._model if self._model is not None else self._read()
-        # The compiled model holds its own (repacked) weights; the graph read from disk keeps the whole weights
-        # file mapped and resident (RssFile), so it is dropped and read again only if the shapes change.
+        # A compiled model imported from the cache holds its own weights, and the graph read from disk would keep
+        # the whole weights file mapped and resident besides (RssFile): it is dropped, and read again only if the
+        # shapes change.
         self._model = None
         try:
             model.reshape({name: ov.PartialShape(list(shape)) for name, shape in shapes})
