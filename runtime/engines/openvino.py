@@ -67,9 +67,9 @@ class OpenVinoEngine:
         if device.upper() != "AUTO" and device.upper().split(".")[0] not in {d.split(".")[0] for d in devices}:
             raise InputError(f"--device {device}: not available to OpenVINO here; available: {', '.join(devices)}")
         self._device = device.upper()
-        # A cache hit maps the compiled blob on top of the graph's weights, which the cache key hashes: for
-        # the W8A8 SD 1.5 U-Net at 512x512 that peaks at 3.24 GB against 2.59 GB for a fresh compile that
-        # takes 7 s longer (README), so low-memory runs compile without it.
+        # A cache hit maps the compiled blob while the graph's weights file is resident too: for the W8A8
+        # SD 1.5 U-Net at 512x512 that peaks at 3.24 GB against 2.59 GB for a fresh compile that takes 7 s
+        # longer (README), so low-memory runs compile without it.
         self._config: dict[str, str] = {"CACHE_DIR": str(cache_dir())} if compile_cache else {}
         if COMPUTE_HINTS[compute]:
             self._config["INFERENCE_PRECISION_HINT"] = COMPUTE_HINTS[compute]
