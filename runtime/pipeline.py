@@ -647,33 +647,34 @@ class Pipeline:
     ) -> list[Image.Image]:
         manifest = self.folder.manifest
         model_hash = self.folder.model_hash
+        # Everything but the seed is the same for every image of the batch: built (and hashed) once.
+        fields = {
+            "Steps": request.steps,
+            # Both forms: "Sampler: DPM++ 2M Karras" (old readers) and "Schedule type" (A1111 1.9+).
+            **schedulers.infotext_fields(request.sampler, request.schedule),
+            "CFG scale": request.cfg_scale,
+            "Seed": request.seed,
+            "Size": size or f"{request.width}x{request.height}",
+            "Model hash": short_hash(model_hash) if model_hash else None,
+            "Model": manifest.name,
+            # A1111 writes the hashes of the LoRAs it applied; here they were fused at conversion.
+            "Lora hashes": manifest.lora_hashes(),
+            # The embeddings the prompt or negative prompt named, as A1111 records them.
+            "TI hashes": ti_hashes(self.conditioner.embeddings_used([request.prompt, request.negative_prompt])),
+            **extra,
+            # A1111 writes the key only when the setting is off its default.
+            "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
+            # A1111 writes no RNG key for its GPU default; sdlite's numpy source has no A1111 name.
+            "RNG": A1111_RNG.get(request.seed_source, request.seed_source),
+            "Engine": self.engine_name,
+            "Compute": self.compute_precision,
+            "Version": f"sdlite {__version__}",
+        }
         result = to_pil(images)
         for i, image in enumerate(result):
+            # Replacing an existing key keeps its place in the infotext.
             image.info["parameters"] = format_infotext(
-                request.prompt,
-                request.negative_prompt,
-                {
-                    "Steps": request.steps,
-                    # Both forms: "Sampler: DPM++ 2M Karras" (old readers) and "Schedule type" (A1111 1.9+).
-                    **schedulers.infotext_fields(request.sampler, request.schedule),
-                    "CFG scale": request.cfg_scale,
-                    "Seed": request.seed + i,
-                    "Size": size or f"{request.width}x{request.height}",
-                    "Model hash": short_hash(model_hash) if model_hash else None,
-                    "Model": manifest.name,
-                    # A1111 writes the hashes of the LoRAs it applied; here they were fused at conversion.
-                    "Lora hashes": manifest.lora_hashes(),
-                    # The embeddings the prompt or negative prompt named, as A1111 records them.
-                    "TI hashes": ti_hashes(self.conditioner.embeddings_used([request.prompt, request.negative_prompt])),
-                    **extra,
-                    # A1111 writes the key only when the setting is off its default.
-                    "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
-                    # A1111 writes no RNG key for its GPU default; sdlite's numpy source has no A1111 name.
-                    "RNG": A1111_RNG.get(request.seed_source, request.seed_source),
-                    "Engine": self.engine_name,
-                    "Compute": self.compute_precision,
-                    "Version": f"sdlite {__version__}",
-                },
+                request.prompt, request.negative_prompt, {**fields, "Seed": request.seed + i}
             )
         return result
 
