@@ -142,3 +142,13 @@ def test_openvino_blob_cache_only_outside_low_memory(tiny_onnx, tmp_path, monkey
     pipe.txt2img("a red circle", steps=1, seed=0, progress=False)
     blobs = list(tmp_path.rglob("*.blob"))
     assert (len(blobs) == 0) == low_memory
+
+
+def test_openvino_weights_file_is_not_kept_resident(all_precisions):
+    """The compiled model holds its own copy of the weights: the mapped IR weights file is given back."""
+    from test_mapped_pages import resident_bytes
+
+    pipe = Pipeline.load(all_precisions, engine="openvino", precision="fp32", compute="f32", low_memory=False)
+    pipe.txt2img(PROMPT, steps=1, seed=SEED, sampler="DDIM", output_type="np", progress=False)
+    weights = all_precisions / "unet" / "openvino_model.bin"
+    assert resident_bytes(weights) < weights.stat().st_size / 2

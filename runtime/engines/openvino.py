@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 
+from sdlite.engines.mapped_pages import ReleasedWhileRunning
 from sdlite.engines.token_table import TokenRows, extend_openvino_token_table
 from sdlite.errors import InputError, summarize
 
@@ -71,6 +72,9 @@ class OpenVinoEngine:
         # SD 1.5 U-Net at 512x512 that peaks at 3.24 GB against 2.59 GB for a fresh compile that takes 7 s
         # longer (README), so low-memory runs compile without it.
         self._config: dict[str, str] = {"CACHE_DIR": str(cache_dir())} if compile_cache else {}
+        # The compiled model keeps its own repacked copy of every weight; the weights file (or cached blob)
+        # it was compiled from stays mapped but is not read again, so its pages are given back as it compiles.
+        self._mapped_folders = [path.parent, cache_dir()] if compile_cache else [path.parent]
         if COMPUTE_HINTS[compute]:
             self._config["INFERENCE_PRECISION_HINT"] = COMPUTE_HINTS[compute]
         if threads:
@@ -115,16 +119,17 @@ class OpenVinoEngine:
         # the whole weights file mapped and resident besides (RssFile): it is dropped, and read again only if the
         # shapes change.
         self._model = None
-        try:
-            model.reshape({name: ov.PartialShape(list(shape)) for name, shape in shapes})
-            compiled = core().compile_model(model, self._device, self._config)
-        except RuntimeError:
-            # Some NNCF-compressed graphs carry shape constants that fail static shape inference at small
-            # sizes; they still run with dynamic shapes.
+        with ReleasedWhileRunning(self._mapped_folders):
             try:
-                compiled = core().compile_model(self._read(), self._device, self._config)
-            except RuntimeError as exc:
-                raise InputError(f"{self._path}: OpenVINO could not compile it ({summarize(exc)})") from None
+                model.reshape({name: ov.PartialShape(list(shape)) for name, shape in shapes})
+                compiled = core().compile_model(model, self._device, self._config)
+            except RuntimeError:
+                # Some NNCF-compressed graphs carry shape constants that fail static shape inference at small
+                # sizes; they still run with dynamic shapes.
+                try:
+                    compiled = core().compile_model(self._read(), self._device, self._config)
+                except RuntimeError as exc:
+                    raise InputError(f"{self._path}: OpenVINO could not compile it ({summarize(exc)})") from None
         self._request = compiled.create_infer_request()
         self._shapes = shapes
 
