@@ -253,7 +253,6 @@ class Pipeline:
                 self.threads,
                 compute,
                 token_rows,
-                compile_cache=not self.low_memory,
             )
         return self._engines[name]
 

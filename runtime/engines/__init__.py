@@ -40,12 +40,10 @@ def load_engine(
     threads: int | None = None,
     compute: str = "auto",
     token_rows: TokenRows | None = None,
-    compile_cache: bool = True,
 ) -> Engine:
     """Load the graph at ``path`` in ``engine`` on ``device``, computing in ``compute`` precision.
     ``token_rows`` (text encoders only) are appended to the token-embedding table of the loaded copy of
-    the graph (textual inversion; ``sdlite.engines.token_table``). ``compile_cache`` lets OpenVINO keep
-    and reuse compiled blobs (faster starts, higher peak memory)."""
+    the graph (textual inversion; ``sdlite.engines.token_table``)."""
     check_engine(engine)
     if engine == "onnx":
         from sdlite.engines.onnxruntime import OnnxRuntimeEngine
@@ -55,6 +53,4 @@ def load_engine(
         return OnnxRuntimeEngine(path, device=device, threads=threads, token_rows=token_rows)
     from sdlite.engines.openvino import OpenVinoEngine
 
-    return OpenVinoEngine(
-        path, device=device, threads=threads, compute=compute, token_rows=token_rows, compile_cache=compile_cache
-    )
+    return OpenVinoEngine(path, device=device, threads=threads, compute=compute, token_rows=token_rows)

@@ -56,7 +56,6 @@ class OpenVinoEngine:
         threads: int | None = None,
         compute: str = "auto",
         token_rows: TokenRows | None = None,
-        compile_cache: bool = True,
     ):
         if not path.is_file():
             raise InputError(f"{path}: missing model file (the model folder is incomplete; convert again)")
@@ -68,13 +67,10 @@ class OpenVinoEngine:
         if device.upper() != "AUTO" and device.upper().split(".")[0] not in {d.split(".")[0] for d in devices}:
             raise InputError(f"--device {device}: not available to OpenVINO here; available: {', '.join(devices)}")
         self._device = device.upper()
-        # A cache hit maps the compiled blob while the graph's weights file is resident too: for the W8A8
-        # SD 1.5 U-Net at 512x512 that peaks at 3.24 GB against 2.59 GB for a fresh compile that takes 7 s
-        # longer (README), so low-memory runs compile without it.
-        self._config: dict[str, str] = {"CACHE_DIR": str(cache_dir())} if compile_cache else {}
-        # The compiled model keeps its own repacked copy of every weight; the weights file (or cached blob)
-        # it was compiled from stays mapped but is not read again, so its pages are given back as it compiles.
-        self._mapped_folders = [path.parent, cache_dir()] if compile_cache else [path.parent]
+        self._config: dict[str, str] = {"CACHE_DIR": str(cache_dir())}
+        # The compiled model keeps its own repacked copy of every weight; the weights file (or cached blob) it
+        # was compiled from stays mapped but is barely read again, so its pages are given back as it compiles.
+        self._mapped_folders = [path.parent, cache_dir()]
         if COMPUTE_HINTS[compute]:
             self._config["INFERENCE_PRECISION_HINT"] = COMPUTE_HINTS[compute]
         if threads:
