@@ -13,6 +13,7 @@ from sdlite.conditioning import FINAL_NORM_FILE
 from sdlite.convert.atomic import atomic_output_dir
 from sdlite.convert.attention import ATTENTION_VARIANTS, fuse_onnx_attention, set_attention
 from sdlite.convert.calibration import calibration_inputs
+from sdlite.convert.geglu import split_geglu
 from sdlite.convert.loading import load_checkpoint, quiet_diffusers
 from sdlite.convert.lora import LoraSpec, fuse_loras
 from sdlite.convert.onnx_export import export_onnx, files_of, save_onnx
@@ -159,6 +160,7 @@ def convert(
     )
     calibration = calibration_inputs(pipe, quiet) if "w8a8" in precisions else None
     set_attention(pipe, attention)
+    split_geglu(pipe.unet)
     trace, check = trace_size(pipe), validation_size(pipe)
     jobs = [
         (fmt, precision) for precision in precisions for fmt in formats if not (fmt == "onnx" and precision == "w8a8")

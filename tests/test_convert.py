@@ -88,3 +88,26 @@ def test_interrupted_convert_leaves_nothing(tiny_diffusers, tmp_path):
     assert proc.returncode != 0
     assert not out.exists()
     assert not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_split_geglu_computes_what_diffusers_geglu_does(tiny_diffusers):
+    """The U-Net's GEGLU layers are exported as two projections: same outputs, weights shared, not copied."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.activations import GEGLU
+
+    from sdlite.convert.geglu import SplitGEGLU, split_geglu
+
+    geglu = GEGLU(24, 40)
+    x = torch.randn(2, 7, 24)
+    split = SplitGEGLU(geglu)
+    assert split.value.weight.data_ptr() == geglu.proj.weight.data_ptr()
+    torch.testing.assert_close(split(x), geglu(x), rtol=0, atol=1e-6)
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_diffusers / "unet")
+    sample, encoder = torch.randn(2, 4, 8, 8), torch.randn(2, 77, unet.config.cross_attention_dim)
+    with torch.no_grad():
+        before = unet(sample, 10, encoder).sample
+        assert split_geglu(unet) == sum(isinstance(m, SplitGEGLU) for m in unet.modules()) > 0
+        assert not any(isinstance(m, GEGLU) for m in unet.modules())
+        torch.testing.assert_close(unet(sample, 10, encoder).sample, before, rtol=0, atol=1e-5)
