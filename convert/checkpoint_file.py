@@ -15,12 +15,11 @@ from pathlib import Path
 
 from sdlite.errors import InputError, summarize
 
-# The header check lives in the torch-free runtime, which reads embeddings with it; re-exported here.
-from sdlite.safetensors_file import read_safetensors_header
+# The header check and the pickle suffixes live in the torch-free runtime, which reads embeddings with them;
+# re-exported here.
+from sdlite.safetensors_file import PICKLE_SUFFIXES, read_safetensors_header
 
 __all__ = ["PICKLE_SUFFIXES", "read_safetensors_header", "read_state_dict", "refuse_pickle", "tensor_data_sha256"]
-
-PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 
 
 def refuse_pickle(path: Path) -> InputError:

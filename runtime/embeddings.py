@@ -33,7 +33,7 @@ import numpy as np
 
 from sdlite.errors import InputError
 from sdlite.hashing import sha256_file
-from sdlite.safetensors_file import read_safetensors
+from sdlite.safetensors_file import PICKLE_SUFFIXES, read_safetensors
 
 __all__ = ["Embedding", "EmbeddingLibrary", "read_embedding", "ti_hashes"]
 
@@ -41,7 +41,6 @@ A1111_KEY = "emb_params"
 # AUTOMATIC1111's .pt layout, occasionally re-saved as safetensors with the nested key flattened.
 A1111_PT_KEY = "string_to_param.*"
 SDXL_KEYS = {"clip_l", "clip_g"}
-PICKLE_SUFFIXES = {".pt", ".bin", ".ckpt", ".pth"}
 # An embedding must fit in one 75-token chunk (A1111 never splits one).
 MAX_VECTORS = 75
 # Embeddings are kilobytes; a file with more tensor data than this is a checkpoint or LoRA put in the

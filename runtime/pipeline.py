@@ -126,9 +126,8 @@ class Pipeline:
     holds one flag per image (``sdlite.results``).
 
     ``low_memory`` loads each part (text encoder, U-Net, VAE decoder) just before it runs and releases it
-    afterwards, so peak memory is the largest part rather than their sum; OpenVINO then compiles without its
-    blob cache, whose hits peak higher. ``embeddings`` is a folder of textual-inversion embeddings that
-    prompts can name (``sdlite.embeddings``).
+    afterwards, so peak memory is the largest part rather than their sum. ``embeddings`` is a folder of
+    textual-inversion embeddings that prompts can name (``sdlite.embeddings``).
     """
 
     def __init__(
@@ -247,12 +246,7 @@ class Pipeline:
             rows = self.embeddings.rows if name == "text_encoder" and self.embeddings is not None else None
             token_rows = TokenRows(self.embeddings.first_id, rows) if rows is not None and rows.size else None
             self._engines[name] = load_engine(
-                self._graphs[name],
-                self.engine_name,
-                self.device,
-                self.threads,
-                compute,
-                token_rows,
+                self._graphs[name], self.engine_name, self.device, self.threads, compute, token_rows
             )
         return self._engines[name]
 

@@ -18,7 +18,10 @@ import numpy as np
 
 from sdlite.errors import InputError
 
-__all__ = ["read_safetensors", "read_safetensors_header"]
+__all__ = ["PICKLE_SUFFIXES", "read_safetensors", "read_safetensors_header"]
+
+# Suffixes of PyTorch pickle files (checkpoints, embeddings), which can run code when loaded: never read here.
+PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin"})
 
 # Bytes per element of each safetensors dtype (the format's own list).
 DTYPE_SIZES = {
