@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from sdlite.convert.token_merging import apply_token_merging
+
 ATTENTION_VARIANTS = ("plain", "sliced", "fused")
 
 
@@ -64,13 +66,16 @@ class HeadSlicedAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-def set_attention(pipe, variant: str) -> None:
-    """Give the U-Net and the VAE the attention processors of ``variant``."""
+def set_attention(pipe, variant: str, token_merging: float = 0.0) -> None:
+    """Give the U-Net and the VAE the attention processors of ``variant``; with ``token_merging`` > 0, the
+    U-Net's full-resolution self-attentions merge that fraction of their tokens first (ToMe)."""
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     processor = {"plain": AttnProcessor, "sliced": HeadSlicedAttnProcessor, "fused": AttnProcessor2_0}[variant]()
     pipe.unet.set_attn_processor(processor)
     pipe.vae.set_attn_processor(processor)
+    if token_merging:
+        apply_token_merging(pipe.unet, token_merging)
 
 
 def _heads_from_reshape(fusion, reshape_q, is_torch2: bool = False) -> int:

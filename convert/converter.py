@@ -18,6 +18,7 @@ from sdlite.convert.loading import load_checkpoint, quiet_diffusers
 from sdlite.convert.lora import LoraSpec, fuse_loras
 from sdlite.convert.onnx_export import export_onnx, files_of, save_onnx
 from sdlite.convert.parts import final_layer_norm, part_spec, trace_size, vae_scale_factor, validation_size
+from sdlite.convert.token_merging import MAX_RATIO
 from sdlite.convert.validate import ValidationError, reference_outputs, validate_graph
 from sdlite.convert.variants import FORMATS, PRECISIONS, derive
 from sdlite.errors import InputError
@@ -120,6 +121,7 @@ def convert(
     quiet: bool = False,
     overwrite: bool = False,
     loras: list[LoraSpec] | None = None,
+    token_merging: float = 0.0,
 ) -> Manifest:
     """Export every part of ``source`` to ``out`` in each format and precision, validating each against
     PyTorch.
@@ -127,11 +129,15 @@ def convert(
     The folder appears at ``out`` only once complete: it is built in a temporary sibling and renamed.
     Raises ``ValidationError`` (after checking every variant) when an export is out of tolerance.
     ``loras`` are fused into the U-Net and text encoder weights first (see ``sdlite.convert.lora``).
+    ``token_merging`` > 0 merges that fraction of the tokens before the U-Net's full-resolution
+    self-attentions (ToMe, see ``sdlite.convert.token_merging``): faster, and a different image.
     """
     formats, precisions = formats or ["onnx"], precisions or ["fp32"]
     _check_choice("format", formats, FORMATS)
     _check_choice("precision", precisions, PRECISIONS)
     _check_choice("attention", [attention], ATTENTION_VARIANTS)
+    if not 0 <= token_merging <= MAX_RATIO:
+        raise InputError(f"--token-merging {token_merging}: must be between 0 (off) and {MAX_RATIO}")
     if "w8a8" in precisions and "openvino" not in formats:
         raise InputError("--precision w8a8 quantizes activations with OpenVINO; add --format openvino")
     out = Path(out)
@@ -159,7 +165,7 @@ def convert(
         loras=lora_records,
     )
     calibration = calibration_inputs(pipe, quiet) if "w8a8" in precisions else None
-    set_attention(pipe, attention)
+    set_attention(pipe, attention, token_merging)
     split_geglu(pipe.unet)
     trace, check = trace_size(pipe), validation_size(pipe)
     jobs = [
@@ -191,9 +197,9 @@ def convert(
                 # OpenVINO runs each attention in its own blocked kernel that never holds the whole score
                 # tensor, so slicing by head only multiplies those kernels (SD 1.5 W8A8 U-Net at 512x512: 8x
                 # the kernels, 0.4 GB more, slower; README): its IR is converted from the plain graph.
-                set_attention(pipe, "plain")
+                set_attention(pipe, "plain", token_merging)
                 openvino_base = export_onnx(spec, module, dummy, tmp / ".base" / f"{name}-plain")[0]
-                set_attention(pipe, "sliced")
+                set_attention(pipe, "sliced", token_merging)
             progress.update()
             check_inputs = spec.dummy_inputs(source_model, check)
             reference = reference_outputs(spec, module, check_inputs) if validate else None
@@ -237,6 +243,7 @@ def convert(
                         attention="plain" if fmt == "openvino" and part_attention == "sliced" else part_attention,
                         files={str(f.relative_to(tmp)): sha256_file(f) for f in files},
                         validation=validation,
+                        token_merging=token_merging if name == "unet" else 0.0,
                     )
                 )
                 progress.update()

@@ -162,6 +162,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         allow_pickle=args.allow_pickle,
         quiet=args.quiet,
         loras=[LoraSpec.parse(text) for text in args.lora],
+        token_merging=args.token_merging,
     )
     if not args.quiet:
         print(f"wrote {args.out}")
@@ -297,6 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--format", default="onnx", help="onnx, openvino or both")
     conv.add_argument("--precision", default="fp32", help="comma-separated: fp32, fp16, int8, w8a8 (OpenVINO)")
     conv.add_argument("--attention", default="plain", help="plain, sliced (one head at a time) or fused")
+    conv.add_argument(
+        "--token-merging",
+        type=float,
+        default=0.0,
+        metavar="RATIO",
+        help="merge this fraction of tokens (0-0.75) in the U-Net's full-resolution self-attention (ToMe): faster, "
+        "changes the image",
+    )
     conv.add_argument("--size", type=parse_size)
     conv.add_argument(
         "--lora", action="append", default=[], metavar="FILE[:WEIGHT]", help="fuse a LoRA (repeatable; weight 1)"

@@ -18,13 +18,16 @@ COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 
 @dataclass
 class Variant:
-    """One exported form of a component: format, weight precision, attention variant and its files."""
+    """One exported form of a component: format, weight precision, attention variant, token merging, files."""
 
     format: str  # "onnx" | "openvino"
     precision: str  # "fp32" | "fp16" | "int8"
     attention: str  # "plain" | "sliced" | "fused"
     files: dict[str, str]  # path relative to the folder -> sha256
     validation: dict | None = None  # max |diff| per output against PyTorch, tolerance, passed
+    # Fraction of tokens merged before the U-Net's full-resolution self-attentions (ToMe; 0: none). It changes
+    # the image, so the infotext records it as A1111's "Token merging ratio".
+    token_merging: float = 0.0
 
     @property
     def main_file(self) -> str:
