@@ -1,6 +1,6 @@
 """``sdlite bench``: every configuration asked for, each in a fresh process, then one table and report.
 
-sdlite bench [-m MODEL] --size 512x512 --steps 20 --engine openvino,onnx --precision fp32,int8
+sdlite bench [-m MODEL[,MODEL...]] --size 512x512 --steps 20 --engine openvino,onnx --precision fp32,int8
              [--compute f32,bf16] [--low-memory both] [--report DIR] [--peers --source DIFFUSERS]
 sdlite bench --soak 100 [-m MODEL] ...        N generations in one process: RSS drift
 sdlite bench --compare a.json b.json [--report DIR]
@@ -43,7 +43,12 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The arguments of ``sdlite bench``."""
     p = _Parser(prog="sdlite bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-m", "--model", help="converted-model folder (default: the packaged model)")
+    p.add_argument(
+        "-m",
+        "--model",
+        help="converted-model folder(s), comma-separated; the first one's f32 image is the fidelity reference "
+        "and its graph gives the FLOP count (default: the packaged model)",
+    )
     p.add_argument("--size", help="WIDTHxHEIGHT (default: the model's)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--engine", default="onnx,openvino", help="comma-separated: onnx, openvino")
@@ -103,17 +108,32 @@ def _settings(args: argparse.Namespace, folder) -> Settings:
     )
 
 
-def _configs(args: argparse.Namespace, folder) -> list[Config]:
+def _configs(args: argparse.Namespace, folders: dict) -> list[Config]:
+    """Every combination asked for, on each folder (keyed as ``Config.model``: "" for the first)."""
     from sdlite.engines import ENGINES
 
     engines = _split(args.engine)
     for engine in engines:
         if engine not in ENGINES:
             raise InputError(f"--engine {engine}: unknown engine; known: {', '.join(ENGINES)}")
-    held = sorted({v.precision for v in folder.variants("unet")}, key=lambda p: (p != "fp32", p))
-    precisions = _split(args.precision) if args.precision else held
-    combos = itertools.product(engines, precisions, _split(args.compute), LOW_MEMORY_CHOICES[args.low_memory])
-    return [Config(*combo) for combo in combos]
+    configs = []
+    for model, folder in folders.items():
+        held = sorted({v.precision for v in folder.variants("unet")}, key=lambda p: (p != "fp32", p))
+        precisions = _split(args.precision) if args.precision else held
+        combos = itertools.product(engines, precisions, _split(args.compute), LOW_MEMORY_CHOICES[args.low_memory])
+        configs += [Config(*combo, model=model) for combo in combos]
+    return configs
+
+
+def _open_folders(models: list[str]) -> dict:
+    """The model folders by ``Config.model``: the first under "", the others under their resolved path."""
+    from sdlite.model_folder import ModelFolder
+
+    folders = [ModelFolder.open(model) for model in models]
+    keys = ["", *(str(folder.path.resolve()) for folder in folders[1:])]
+    if len(set(keys)) < len(keys) or str(folders[0].path.resolve()) in keys:
+        raise InputError(f"-m {','.join(models)}: a folder is named twice")
+    return dict(zip(keys, folders, strict=True))
 
 
 def skip_reason(config: Config, folder) -> str | None:
@@ -142,8 +162,8 @@ def _is_reference(config: Config) -> bool:
 
 def _reference(configs: list[Config], folder) -> tuple[Config | None, bool]:
     """The configuration whose image the others are compared with, and whether it must be run in addition:
-    fp32 weights computed in f32, onnxruntime preferred (bit-for-bit the exported graph)."""
-    runnable = [c for c in configs if skip_reason(c, folder) is None]
+    fp32 weights computed in f32 on the first folder, onnxruntime preferred (bit-for-bit the exported graph)."""
+    runnable = [c for c in configs if not c.model and skip_reason(c, folder) is None]
     candidates = sorted((c for c in runnable if _is_reference(c)), key=lambda c: (c.engine != "onnx", c.low_memory))
     if candidates:
         return candidates[0], False
@@ -303,18 +323,18 @@ def _run_peers(jobs, source: str, work: Path, progress, timeout: float) -> list[
 
 def run(args: argparse.Namespace) -> int:
     """Measure every configuration (and peers), print the table, write the report."""
-    from sdlite.model_folder import ModelFolder
-
-    model = args.model
-    if not model:
+    if args.model:
+        models = _split(args.model)
+    else:
         from sdlite.cli import _default_model
 
-        model = _default_model()
-    folder = ModelFolder.open(model)
+        models = [_default_model()]
+    folders = _open_folders(models)
+    folder = folders[""]
     settings = _settings(args, folder)
-    configs = _configs(args, folder)
+    configs = _configs(args, folders)
     if args.soak:
-        return _soak(args, folder, settings, configs)
+        return _soak(args, folders, settings, configs)
     reference, extra_reference = _reference(configs, folder)
     with tempfile.TemporaryDirectory(prefix="sdlite-bench-") as tmp:
         work = Path(tmp)
@@ -325,7 +345,7 @@ def run(args: argparse.Namespace) -> int:
         for i, (config, is_extra) in enumerate(todo):
             name = f"sdlite {config.label}"
             progress.set_description(name)
-            reason = skip_reason(config, folder)
+            reason = skip_reason(config, folders[config.model])
             if reason:
                 result = {"status": "skipped", "reason": reason}
             else:
@@ -380,9 +400,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _soak(args: argparse.Namespace, folder, settings: Settings, configs: list[Config]) -> int:
+def _soak(args: argparse.Namespace, folders: dict, settings: Settings, configs: list[Config]) -> int:
     """``--soak N``: N generations of the first configuration that can run, in one process."""
-    runnable = [c for c in configs if skip_reason(c, folder) is None]
+    runnable = [c for c in configs if skip_reason(c, folders[c.model]) is None]
     if not runnable:
         raise InputError("--soak: no configuration can run on this model (check --engine and --precision)")
     config = runnable[0]

@@ -50,12 +50,15 @@ class Config:
     precision: str | None = "fp32"
     compute: str = "auto"
     low_memory: bool = False
+    # Another converted-model folder than the run's first one (bench -m A,B), or "" for that one.
+    model: str = ""
 
     @property
     def label(self) -> str:
-        """Short name for tables, e.g. ``openvino fp32 bf16 low-mem``."""
+        """Short name for tables, e.g. ``openvino fp32 bf16 low-mem`` (``... [folder]`` for a second model)."""
         parts = [self.engine, self.precision or "default", self.compute]
-        return " ".join(parts + (["low-mem"] if self.low_memory else []))
+        parts += ["low-mem"] if self.low_memory else []
+        return " ".join(parts + ([f"[{Path(self.model).name}]"] if self.model else []))
 
 
 @dataclass
@@ -133,7 +136,7 @@ def run_sdlite(job: Job) -> dict:
 
     def load():
         pipe = Pipeline.load(
-            settings.model,
+            config.model or settings.model,
             engine=config.engine,
             device=settings.device,
             precision=config.precision,

@@ -196,9 +196,10 @@ def cmd_info(args: argparse.Namespace) -> int:
             if variant.validation:
                 worst = max(variant.validation["max_abs_diff"].values())
                 check = f"  max|diff| vs PyTorch {worst:.1e} {'ok' if variant.validation['passed'] else 'FAILED'}"
+            tome = f"  token merging {variant.token_merging:g}" if variant.token_merging else ""
             print(
                 f"{component:<15}{variant.format:<9}{variant.precision:<6}{variant.attention:<7}"
-                f"{size / 2**20:9.1f} MiB{check}"
+                f"{size / 2**20:9.1f} MiB{check}{tome}"
             )
     return 0
 

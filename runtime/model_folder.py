@@ -87,6 +87,13 @@ class ModelFolder:
     def graph(self, component: str, formats: tuple[str, ...], precision: str | None = None) -> Path:
         """The graph file of ``component`` in the first of ``formats`` the folder holds (in ``precision``,
         else the first precision held)."""
+        file = self.path / self.variant(component, formats, precision).main_file
+        if not file.is_file():
+            raise InputError(f"{file}: missing (the model folder is incomplete; convert again)")
+        return file
+
+    def variant(self, component: str, formats: tuple[str, ...], precision: str | None = None) -> Variant:
+        """The variant ``graph`` picks."""
         held = self.variants(component)
         if not held:
             raise InputError(f"{self.path}: the model has no {component} (the folder is incomplete; convert again)")
@@ -97,10 +104,7 @@ class ModelFolder:
             have = ", ".join(sorted({f"{v.format} {v.precision}" for v in held}))
             wanted = f"{' or '.join(formats)} {precision or ''}".strip()
             raise InputError(f"{self.path}: {component} has no {wanted} variant; it holds: {have}")
-        file = self.path / matching[0].main_file
-        if not file.is_file():
-            raise InputError(f"{file}: missing (the model folder is incomplete; convert again)")
-        return file
+        return matching[0]
 
     @property
     def unet_in_channels(self) -> int:

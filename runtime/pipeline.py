@@ -158,6 +158,8 @@ class Pipeline:
             name: folder.graph(name, ENGINE_FORMATS[engine], precision)
             for name in ("text_encoder", "unet", "vae_decoder")
         }
+        # ToMe, when the U-Net was converted with it, changes the image: the infotext says so (as A1111's).
+        self.token_merging = folder.variant("unet", ENGINE_FORMATS[engine], precision).token_merging
         # The checkpoint's safety checker runs by default when the folder has one (fp32 only, in the format
         # the engine prefers); safety_checker=False never loads it.
         self.safety_checker = safety_checker and bool(folder.variants("safety_checker"))
@@ -655,6 +657,7 @@ class Pipeline:
             # The embeddings the prompt or negative prompt named, as A1111 records them.
             "TI hashes": ti_hashes(self.conditioner.embeddings_used([request.prompt, request.negative_prompt])),
             **extra,
+            "Token merging ratio": self.token_merging or None,
             # A1111 writes the key only when the setting is off its default.
             "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
             # A1111 writes no RNG key for its GPU default; sdlite's numpy source has no A1111 name.
