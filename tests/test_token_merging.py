@@ -23,9 +23,7 @@ def test_merge_matches_tomesd(height, width, ratio):
     tomesd_merge = pytest.importorskip("tomesd.merge")
     x = torch.randn(2, height * width, 16, generator=torch.Generator().manual_seed(height * width))
     merged = int(height * width * ratio)
-    ref_merge, ref_unmerge = tomesd_merge.bipartite_soft_matching_random2d(
-        x, width, height, 2, 2, merged, no_rand=True
-    )
+    ref_merge, ref_unmerge = tomesd_merge.bipartite_soft_matching_random2d(x, width, height, 2, 2, merged, no_rand=True)
     merge, unmerge = bipartite_merge(x, height, width, ratio)
     assert merge(x).shape == (2, height * width - merged, 16)
     torch.testing.assert_close(unmerge(torch.tanh(merge(x)) * 3), ref_unmerge(torch.tanh(ref_merge(x)) * 3))
