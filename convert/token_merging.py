@@ -35,7 +35,7 @@ def bipartite_merge(metric: torch.Tensor, height, width, ratio: float):
     similar destination; ``unmerge(y)`` maps back, each merged token taking its destination's value.
     r = floor(tokens * ratio).
     """
-    batch, tokens, _ = metric.shape
+    tokens = metric.shape[1]
     positions = torch.arange(tokens, device=metric.device)
     row, col = positions // width, positions % width
     cells_h, cells_w = height // 2, width // 2
@@ -44,6 +44,7 @@ def bipartite_merge(metric: torch.Tensor, height, width, ratio: float):
     order = torch.argsort(positions + tokens * (~is_dst).long())
     num_dst = cells_h * cells_w
     dst_pos, src_pos = order[:num_dst], order[num_dst:]
+    # While the exporter traces, sizes are tensors: r stays a graph value, so the graph serves every size.
     merged = (tokens * ratio).floor().long() if isinstance(tokens, torch.Tensor) else int(tokens * ratio)
 
     with torch.no_grad():
@@ -51,7 +52,8 @@ def bipartite_merge(metric: torch.Tensor, height, width, ratio: float):
         similarity = unit[:, src_pos] @ unit[:, dst_pos].transpose(1, 2)  # (batch, src, dst) cosines
         best = similarity.amax(dim=-1, keepdim=True)
         # The first index of the maximum, by comparison: OpenVINO runs an ArgMax over the (batch, src, dst)
-        # scores as a TopK at 10 ms a layer (SD 1.5, 512x512), the comparison and ReduceMin in under 3.
+        # scores as a TopK at 10 ms a layer (SD 1.5, 512x512), the comparison and ReduceMin in under 3. Should
+        # a runtime's rounding ever leave no score >= the maximum, the index is the last one (never out of range).
         columns = torch.arange(similarity.shape[-1], device=metric.device)
         partner = torch.where(similarity >= best, columns, similarity.shape[-1] - 1).amin(dim=-1)
         best = best.squeeze(-1)
