@@ -177,9 +177,13 @@ def _unet_flops(folder, settings: Settings) -> tuple[int | None, str]:
     from sdlite.benchmarks.flops import unet_flops
 
     try:
-        graph = folder.graph("unet", ("onnx",), "fp32")
+        # Any precision has the same shapes; fp32 ONNX first, whose graph is the export itself.
+        graph = folder.graph("unet", ("onnx", "openvino"), "fp32")
     except InputError:
-        return None, "no fp32 ONNX U-Net in the folder to count"
+        try:
+            graph = folder.graph("unet", ("openvino",))
+        except InputError:
+            return None, "no fp32 or OpenVINO U-Net in the folder to count"
     batch = 2 if settings.cfg_scale > 1.0 else 1  # classifier-free guidance runs both halves in one call
     try:
         flops = unet_flops(graph, batch, settings.height, settings.width)
@@ -216,8 +220,10 @@ def _ratios(rows: list[dict], limit: dict) -> None:
             continue
         step = row["unet_step_ms"]["median"]
         gflops = best_gflops(limit.get("gemm") or {}, "f32" if row.get("compute") == "f32" else "any")
-        if limit.get("unet_flops") and gflops:
-            row["limit_ms"] = limit["unet_flops"] / (gflops * 1e9) * 1000
+        # A second folder's U-Net (bench -m A,B) may do other work (token merging): its own count.
+        flops = limit.get("unet_flops_by_model", {}).get(row.get("config", {}).get("model"), limit.get("unet_flops"))
+        if flops and gflops:
+            row["limit_ms"] = flops / (gflops * 1e9) * 1000
             row["vs_limit"] = step / row["limit_ms"]
         if fastest_peer:
             row["vs_fastest_peer"] = step / fastest_peer
@@ -372,6 +378,8 @@ def run(args: argparse.Namespace) -> int:
         _fidelity(rows, images, f"sdlite {reference.label}" if reference else None)
     flops, flops_method = _unet_flops(folder, settings)
     limit = {"gemm": gemm, "unet_flops": flops, "flops_method": flops_method}
+    if len(folders) > 1:
+        limit["unet_flops_by_model"] = {key: _unet_flops(other, settings)[0] for key, other in folders.items() if key}
     if flops is None:
         limit["reason"] = flops_method
     _ratios(rows, limit)

@@ -63,7 +63,10 @@ def _infer(model):
 def unet_flops(onnx_path: Path, batch: int, height: int, width: int, context_length: int = 77) -> int | None:
     """FLOPs of one U-Net call on ``batch`` latents of an image of ``height`` x ``width`` pixels.
 
-    Returns None when onnx is not installed or some counted node's shape cannot be inferred."""
+    ``onnx_path`` may also be an OpenVINO IR (``.xml``), counted by OpenVINO's shape inference. Returns None
+    when onnx is not installed (for an ONNX graph) or some counted node's shape cannot be inferred."""
+    if onnx_path.suffix == ".xml":
+        return _openvino_flops(onnx_path, _ir_input_shapes(onnx_path, batch, height, width, context_length))
     try:
         import onnx
     except ImportError:
@@ -108,6 +111,22 @@ def unet_flops(onnx_path: Path, batch: int, height: int, width: int, context_len
                 return _openvino_flops(onnx_path, {name: dims for name, dims in concrete.items() if dims})
             total += flops
     return total
+
+
+def _ir_input_shapes(xml: Path, batch: int, height: int, width: int, context_length: int) -> dict[str, list[int]]:
+    import openvino as ov
+
+    shapes = {}
+    for port in ov.Core().read_model(str(xml)).inputs:
+        name, shape = port.get_any_name(), port.get_partial_shape()
+        if name == "sample":
+            channels = shape[1].get_length() if shape[1].is_static else 4
+            shapes[name] = [batch, channels, height // 8, width // 8]
+        elif name == "encoder_hidden_states":
+            shapes[name] = [batch, context_length, shape[2].get_length()]
+        elif name == "timestep":
+            shapes[name] = [batch] if shape.rank.get_length() == 1 else []
+    return shapes
 
 
 def _openvino_flops(onnx_path: Path, input_shapes: dict[str, list[int]]) -> int | None:

@@ -48,7 +48,7 @@ def test_psnr_of_a_known_error():
     assert math.isinf(psnr(x, x))
 
 
-def test_unet_flops_match_torch_flop_counter(tiny_diffusers, tiny_onnx):
+def test_unet_flops_match_torch_flop_counter(tiny_diffusers, tiny_onnx, tmp_path):
     """Counted from the ONNX graph == torch's FlopCounterMode on the same U-Net, with attention as explicit
     matrix products (torch does not count scaled_dot_product_attention)."""
     import torch
@@ -69,6 +69,12 @@ def test_unet_flops_match_torch_flop_counter(tiny_diffusers, tiny_onnx):
     context_shape = [2, 77, unet.config.cross_attention_dim]
     shapes = {"sample": [2, 4, 8, 8], "encoder_hidden_states": context_shape}
     assert _openvino_flops(graph, shapes) == counter.get_total_flops()
+    # An OpenVINO IR (folders converted to OpenVINO only) is counted the same way.
+    import openvino as ov
+
+    xml = tmp_path / "openvino_model.xml"
+    ov.save_model(ov.convert_model(str(graph)), str(xml))
+    assert unet_flops(xml, 2, 64, 64) == counter.get_total_flops()
 
 
 def test_peak_tracker_sees_a_stage_allocation():

@@ -114,9 +114,14 @@ def test_ratio_out_of_range_is_one_line_and_exit_2(tiny_diffusers, tmp_path, cap
 def test_bench_compares_two_folders_against_the_first_ones_reference(tome_folder, tiny_onnx, tmp_path, monkeypatch):
     monkeypatch.setenv("SDLITE_CACHE", str(tmp_path / "cache"))
     args = ["bench", "-m", f"{tiny_onnx},{tome_folder}", "--size", "64x64", "--steps", "2", "--warmup-steps", "0"]
-    args += ["--engine", "onnx", "--precision", "fp32", "--gemm-size", "0", "--report", str(tmp_path), "--quiet"]
+    args += ["--engine", "onnx", "--precision", "fp32", "--gemm-size", "128", "--report", str(tmp_path), "--quiet"]
     assert sdlite_main(args) == 0
-    rows = {row["name"]: row for row in json.loads((tmp_path / "report.json").read_text())["rows"]}
+    report = json.loads((tmp_path / "report.json").read_text())
+    rows = {row["name"]: row for row in report["rows"]}
+    # Each folder's U-Net is counted on its own: merging changes the arithmetic, and so the row's limit.
+    merged_flops = report["limit"]["unet_flops_by_model"][str(tome_folder.resolve())]
+    assert 0 < merged_flops != report["limit"]["unet_flops"]
+    assert rows["sdlite onnx fp32 auto"]["limit_ms"] != rows["sdlite onnx fp32 auto [tiny-tome]"]["limit_ms"]
     assert set(rows) == {"sdlite onnx fp32 auto", "sdlite onnx fp32 auto [tiny-tome]"}
     assert rows["sdlite onnx fp32 auto"]["reference"] and rows["sdlite onnx fp32 auto"]["psnr"] == float("inf")
     # The merged U-Net draws a different image, measured against the first folder's.
