@@ -141,6 +141,11 @@ def notes(report: dict) -> list[str]:
             + ", ".join(f"{k} {v}" for k, v in (gemm.get("gflops") or {}).items())
             + ". FLOPs: "
             + limit.get("flops_method", "")
+            + "".join(
+                f"; [{Path(model).name}]: its own U-Net, {flops / 1e9:,.2f} GFLOP"
+                for model, flops in (limit.get("unet_flops_by_model") or {}).items()
+                if flops
+            )
         )
     else:
         lines.append(f"x limit: unknown ({limit.get('reason', 'no FLOP count')}).")
