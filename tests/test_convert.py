@@ -83,9 +83,17 @@ def test_interrupted_convert_leaves_nothing(tiny_diffusers, tmp_path):
     while time.time() < deadline and not list(tmp_path.glob(".out.tmp-*")):
         time.sleep(0.05)
     assert list(tmp_path.glob(".out.tmp-*")), "conversion never started writing"
-    proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=120)
-    assert proc.returncode != 0
+    # Ctrl-C until it stops, as a user would: a library's bare ``except:`` can swallow one KeyboardInterrupt
+    # (seen once in CI, in a fresh virtual environment whose first imports are slow).
+    err = b""
+    for _ in range(120):
+        proc.send_signal(signal.SIGINT)
+        try:
+            _, err = proc.communicate(timeout=1)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    assert proc.returncode != 0, err.decode(errors="replace")[-2000:]
     assert not out.exists()
     assert not list(tmp_path.glob(".out.tmp-*"))
 
