@@ -133,6 +133,9 @@ def _open_folders(models: list[str]) -> dict:
     keys = ["", *(str(folder.path.resolve()) for folder in folders[1:])]
     if len(set(keys)) < len(keys) or str(folders[0].path.resolve()) in keys:
         raise InputError(f"-m {','.join(models)}: a folder is named twice")
+    labels = [Path(key).name for key in keys[1:]]
+    if len(set(labels)) < len(labels):
+        raise InputError(f"-m {','.join(models)}: two folders share a name, which labels their rows; rename one")
     return dict(zip(keys, folders, strict=True))
 
 
