@@ -128,7 +128,8 @@ class OpenVinoEngine:
                 if _cached_blobs() - blobs:
                     # A fresh compilation keeps reading some weights in place from the mapped file, which then
                     # stays resident (W8A8 SD 1.5 U-Net: 165-250 MB after the first call); the blob it has just
-                    # cached holds its own copy of everything, so the model is imported from it instead.
+                    # cached holds its own copy of everything, so the model is imported from it instead (the
+                    # fresh one freed first, so that both are never held).
                     compiled = None
                     compiled = core().compile_model(model, self._device, self._config)
             except RuntimeError:
