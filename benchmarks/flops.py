@@ -65,8 +65,9 @@ def unet_flops(onnx_path: Path, batch: int, height: int, width: int, context_len
 
     ``onnx_path`` may also be an OpenVINO IR (``.xml``), counted by OpenVINO's shape inference. Returns None
     when onnx is not installed (for an ONNX graph) or some counted node's shape cannot be inferred."""
+    call = (batch, height, width, context_length)
     if onnx_path.suffix == ".xml":
-        return _openvino_flops(onnx_path, _ir_input_shapes(onnx_path, batch, height, width, context_length))
+        return _openvino_flops(onnx_path, _ir_input_shapes(onnx_path, call))
     try:
         import onnx
     except ImportError:
@@ -75,26 +76,15 @@ def unet_flops(onnx_path: Path, batch: int, height: int, width: int, context_len
     model = onnx.load(str(onnx_path), load_external_data=False)
     graph = model.graph
     initializers = {init.name: list(init.dims) for init in graph.initializer}
-    concrete = {
-        "sample": None,  # channels come from the graph (4, or 9 for inpainting)
-        "timestep": None,
-        "encoder_hidden_states": None,
-    }
+    concrete = {}
     for value in graph.input:
-        if value.name in initializers:
-            continue
         dims = value.type.tensor_type.shape.dim
-        if value.name == "sample":
-            concrete["sample"] = [batch, dims[1].dim_value or 4, height // 8, width // 8]
-        elif value.name == "encoder_hidden_states":
-            concrete["encoder_hidden_states"] = [batch, context_length, dims[2].dim_value]
-        elif value.name == "timestep" and len(dims) == 1:
-            concrete["timestep"] = [batch]
-        for name, target in concrete.items():
-            if name == value.name and target is not None:
-                for dim, size in zip(dims, target, strict=True):
-                    dim.ClearField("dim_param")
-                    dim.dim_value = size
+        target = None if value.name in initializers else _call_shape(value.name, [d.dim_value for d in dims], call)
+        if target:  # a rank-0 timestep has nothing to fix
+            concrete[value.name] = target
+            for dim, size in zip(dims, target, strict=True):
+                dim.ClearField("dim_param")
+                dim.dim_value = size
     # Exporters leave symbolic intermediate shapes behind; drop them so inference recomputes concrete ones.
     del graph.value_info[:]
     inferred = _infer(model)
@@ -108,24 +98,33 @@ def unet_flops(onnx_path: Path, batch: int, height: int, width: int, context_len
         if node.op_type in COUNTED_OPS:
             flops = _node_flops(node, shapes)
             if flops is None:
-                return _openvino_flops(onnx_path, {name: dims for name, dims in concrete.items() if dims})
+                return _openvino_flops(onnx_path, concrete)
             total += flops
     return total
 
 
-def _ir_input_shapes(xml: Path, batch: int, height: int, width: int, context_length: int) -> dict[str, list[int]]:
+def _call_shape(name: str, dims: list[int], call: tuple[int, int, int, int]) -> list[int] | None:
+    """The shape U-Net input ``name`` (its graph dims, 0 where symbolic) takes for one call of ``call`` =
+    (batch, height, width, context length); None for an input it does not know."""
+    batch, height, width, context_length = call
+    if name == "sample":  # channels from the graph: 4, or 9 for inpainting
+        return [batch, dims[1] or 4, height // 8, width // 8]
+    if name == "encoder_hidden_states":
+        return [batch, context_length, dims[2]]
+    if name == "timestep":
+        return [batch] if len(dims) == 1 else []
+    return None
+
+
+def _ir_input_shapes(xml: Path, call: tuple[int, int, int, int]) -> dict[str, list[int]]:
     import openvino as ov
 
     shapes = {}
     for port in ov.Core().read_model(str(xml)).inputs:
-        name, shape = port.get_any_name(), port.get_partial_shape()
-        if name == "sample":
-            channels = shape[1].get_length() if shape[1].is_static else 4
-            shapes[name] = [batch, channels, height // 8, width // 8]
-        elif name == "encoder_hidden_states":
-            shapes[name] = [batch, context_length, shape[2].get_length()]
-        elif name == "timestep":
-            shapes[name] = [batch] if shape.rank.get_length() == 1 else []
+        dims = [d.get_length() if d.is_static else 0 for d in port.get_partial_shape()]
+        target = _call_shape(port.get_any_name(), dims, call)
+        if target is not None:
+            shapes[port.get_any_name()] = target
     return shapes
 
 

@@ -65,23 +65,23 @@ def bipartite_merge(metric: torch.Tensor, height, width, ratio: float):
         src, dst = x[:, src_pos], x[:, dst_pos]
         into = merged_dst.unsqueeze(-1).expand(-1, -1, x.shape[-1])
         # Mean of each destination and the sources merged into it (the paper's average, sec. 3.1).
-        total = dst.scatter_add(1, into, pick(src, merged_src))
+        total = dst.scatter_add(1, into, _pick(src, merged_src))
         ones = torch.ones_like(dst[..., :1])
         count = ones.scatter_add(1, merged_dst.unsqueeze(-1), torch.ones_like(merged_dst, dtype=x.dtype).unsqueeze(-1))
-        return torch.cat([pick(src, kept_src), total / count], dim=1)
+        return torch.cat([_pick(src, kept_src), total / count], dim=1)
 
     def unmerge(y: torch.Tensor) -> torch.Tensor:
         kept = y.shape[1] - num_dst
         unmerged, dst = y[:, :kept], y[:, kept:]
         # Sources in ``ranked`` order (merged ones first, each taking its destination's value), put back in
         # source order by the inverse permutation; then destinations and sources back in raster order.
-        src = pick(torch.cat([pick(dst, merged_dst), unmerged], dim=1), _inverse(ranked))
+        src = _pick(torch.cat([_pick(dst, merged_dst), unmerged], dim=1), _inverse(ranked))
         return torch.cat([dst, src], dim=1)[:, order.argsort()]
 
     return merge, unmerge
 
 
-def pick(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def _pick(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``x[b, index[b, k]]`` for (batch, tokens, c) ``x`` and (batch, k) ``index``: one row gather over the
     flattened batch (a gather along the token axis would expand the index to (batch, k, c) first)."""
     batch, tokens, channels = x.shape

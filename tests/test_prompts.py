@@ -191,7 +191,6 @@ def _reference(torch_text, pieces, clip_skip: int = 1, breaks: tuple[int, ...] =
     """A1111's conditioning written out directly: tokenize each (text, weight) piece, cut into 75-token
     chunks (also before each piece index in ``breaks``), encode each chunk, weight, restore the mean,
     concatenate. No commas in these prompts, so the comma rule never applies."""
-
     tokenizer, model = torch_text
     rows: list[list[tuple[int, float]]] = [[]]
     for index, (text, weight) in enumerate(pieces):

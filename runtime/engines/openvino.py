@@ -73,8 +73,9 @@ class OpenVinoEngine:
             raise InputError(f"--device {device}: not available to OpenVINO here; available: {', '.join(devices)}")
         self._device = device.upper()
         self._config: dict[str, str] = {"CACHE_DIR": str(cache_dir())}
-        # The compiled model keeps its own repacked copy of every weight; the weights file (or cached blob) it
-        # was compiled from stays mapped but is barely read again, so its pages are given back as it compiles.
+        # A compiled model imported from the blob cache holds its own repacked copy of every weight; the weights
+        # file (or blob) it came from stays mapped but is barely read again, so its pages are given back as it
+        # compiles (a fresh compilation is replaced by such an import, _compile_for).
         self._mapped_folders = [path.parent, cache_dir()]
         if COMPUTE_HINTS[compute]:
             self._config["INFERENCE_PRECISION_HINT"] = COMPUTE_HINTS[compute]
