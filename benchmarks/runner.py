@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from sdlite.benchmarks.memory import PeakTracker, current_rss_mb
-from sdlite.benchmarks.stages import Stages, summary
+from sdlite.benchmarks.stages import StageObserver, Stages, summary
 
 DEFAULT_PROMPT = "a red circle on a blue background"
 
@@ -85,32 +85,11 @@ class Job:
         return cls(**data)
 
 
-class _TimedEngine:
-    """An engine whose ``run`` is timed as its stage; everything else is the engine's own."""
-
-    def __init__(self, engine, run):
-        self._engine = engine
-        self.run = run
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
-
-
 def instrument(pipe, stages: Stages) -> None:
-    """Time ``pipe``'s stages by wrapping its engine getter (the pipeline's and its VAE's reference to it).
-
-    The getter is where a low-memory pipeline loads a part, so loading is timed too (calls["load"])."""
-    original = pipe._engine
-
-    def engine(name: str):
-        stages.enter(name)
-        start = time.perf_counter()
-        loaded = original(name)
-        stages.calls["load"].append(time.perf_counter() - start)
-        return _TimedEngine(loaded, stages.timed(name, loaded.run))
-
-    pipe._engine = engine
-    pipe.vae._engine = engine
+    """Time ``pipe``'s stages through its part pool's observer hooks: each run of a part is a call of its
+    stage, and loading a part (which a low-memory pipeline does inside the stage that needs it) is timed too
+    (calls["load"])."""
+    pipe.parts.observers.append(StageObserver(stages))
 
 
 def _generate(pipe, settings: Settings, steps: int) -> np.ndarray:

@@ -57,7 +57,7 @@ def generate(
     from sdlite.rng import DEFAULT_SOURCE, NoiseGenerator
 
     images: list[Image.Image] = []
-    unet = pipe._engine("unet")
+    unet = pipe.parts.get("unet")
     uncond = pipe.encode_prompt([""])
     for start in range(0, len(prompts), chunk):
         part = prompts[start : start + chunk]

@@ -59,6 +59,22 @@ class Stages:
         self.calls.clear()
 
 
+class StageObserver:
+    """A part-pool observer (``sdlite.parts.PartObserver``) that feeds :class:`Stages`: a part's load or run
+    enters its stage; runs are timed as the stage's calls, loads as calls["load"]."""
+
+    def __init__(self, stages: Stages):
+        self.stages = stages
+
+    def before(self, part: str, action: str) -> None:
+        """Enter the part's stage."""
+        self.stages.enter(part)
+
+    def after(self, part: str, action: str, seconds: float) -> None:
+        """Record the call's seconds."""
+        self.stages.calls["load" if action == "load" else part].append(seconds)
+
+
 def percentile(values: list[float], q: float) -> float:
     """The q-th percentile (0..100) with linear interpolation between the closest ranks."""
     ordered = sorted(values)

@@ -18,7 +18,7 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_size(text: str) -> tuple[int, int]:
     """``WxH`` -> (W, H), both positive multiples of 8."""
-    from sdlite.pipeline import check_size
+    from sdlite.request import check_size
 
     try:
         width, height = (int(part) for part in text.lower().split("x"))
@@ -58,6 +58,7 @@ def _load_pipeline(args: argparse.Namespace):
         device=args.device,
         precision=args.precision,
         low_memory=args.low_memory,
+        memory_budget=args.memory_budget,
         compute=args.compute,
         vae_tiling=args.vae_tiling,
         safety_checker=not args.no_safety_checker,
@@ -216,6 +217,10 @@ def parse_extend(text: str) -> tuple[int, int, int, int]:
 
 
 def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    from sdlite.engines import COMPUTE_PRECISIONS, ENGINES
+    from sdlite.rng import SOURCES
+    from sdlite.vae import TILING_MODES
+
     parser.add_argument("prompt")
     parser.add_argument("-m", "--model", help="converted-model folder (default: the packaged model)")
     parser.add_argument("-n", "--negative", default="", help="negative prompt")
@@ -230,7 +235,10 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
         "--clip-skip", type=int, default=1, metavar="N", help="condition on the text encoder's N-th last layer"
     )
     parser.add_argument(
-        "--seed-source", default="cpu", help="cpu (torch CPU / diffusers / A1111 'CPU'), nv (A1111 'NV') or numpy"
+        "--seed-source",
+        default="cpu",
+        choices=SOURCES,
+        help="cpu (torch CPU / diffusers / A1111 'CPU'), nv (A1111 'NV') or numpy",
     )
     parser.add_argument(
         "--embeddings",
@@ -239,12 +247,18 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--size", type=parse_size, help="WIDTHxHEIGHT, multiples of 8 (default: the model's)")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--engine", default="onnx", help="onnx (onnxruntime) or openvino")
+    parser.add_argument("--engine", default="onnx", choices=ENGINES, help="onnx (onnxruntime) or openvino")
     parser.add_argument("--device", default="CPU", help="CPU, GPU, NPU or AUTO (what the engine sees here)")
-    parser.add_argument("--compute", default="auto", help="arithmetic precision: f32, bf16, f16 or auto")
+    parser.add_argument("--compute", default="auto", choices=COMPUTE_PRECISIONS, help="arithmetic precision")
     parser.add_argument("--precision", help="weight precision variant to run (default: the first held)")
-    parser.add_argument("--low-memory", action="store_true", help="load one part at a time")
-    parser.add_argument("--vae-tiling", default="auto", help="auto | on | off: decode big images in tiles")
+    parser.add_argument("--low-memory", action="store_true", help="load one part at a time (a memory budget of 0)")
+    parser.add_argument(
+        "--memory-budget",
+        type=float,
+        metavar="GIB",
+        help="keep loaded parts within this many GiB, releasing the least recently used (default: keep all)",
+    )
+    parser.add_argument("--vae-tiling", default="auto", choices=TILING_MODES, help="decode big images in tiles")
     parser.add_argument(
         "--watermark",
         action="store_true",
@@ -335,6 +349,28 @@ def cmd_bench(argv: list[str]) -> int:
     return bench_main(argv)
 
 
+# Library errors name parameters; the CLI user knows them by these flags.
+_FLAGS = {
+    "cfg_scale": "--cfg",
+    "negative_prompt": "--negative",
+    "steps": "--steps",
+    "seed": "--seed",
+    "batch": "--batch",
+    "width": "--size",
+    "height": "--size",
+    "seed_source": "--seed-source",
+    "clip_skip": "--clip-skip",
+    "strength": "--strength",
+    "memory_budget": "--memory-budget",
+}
+
+
+def _with_flag_names(message: str) -> str:
+    """An error message whose leading parameter name is replaced by the CLI flag that sets it."""
+    name, _, rest = message.partition(" ")
+    return f"{_FLAGS[name]} {rest}" if name in _FLAGS and rest else message
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``sdlite`` console script."""
     argv = sys.argv[1:] if argv is None else argv
@@ -344,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return args.func(args)
     except SdliteError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_with_flag_names(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

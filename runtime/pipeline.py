@@ -7,36 +7,39 @@ same initial latents give the same image.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
 from sdlite import __version__, schedulers
-from sdlite.conditioning import TextConditioner, check_clip_skip
+from sdlite.conditioning import TextConditioner
+from sdlite.denoiser import Denoiser, StepCallback, denoise, schedule_tail
 from sdlite.embeddings import EmbeddingLibrary, ti_hashes
-from sdlite.engines import ENGINE_FORMATS, Engine, check_engine, load_engine
+from sdlite.engines import ENGINE_FORMATS, check_engine
 from sdlite.engines.token_table import TokenRows
 from sdlite.errors import InputError
+from sdlite.family import StableDiffusionFamily
 from sdlite.hashing import short_hash
 from sdlite.images import resize_to, to_pil, to_pixels, to_unit, working_size
 from sdlite.infotext import format_infotext
 from sdlite.masks import check_not_empty, masked_region, outpaint_canvas, paste_back, prepare_mask
 from sdlite.model_folder import ModelFolder
+from sdlite.parts import PartPool
+from sdlite.request import GenerationRequest, check_size, check_strength, make_request
 from sdlite.results import ImageArray, Images
-from sdlite.rng import A1111_RNG, DEFAULT_SOURCE, SOURCES, NoiseGenerator
+from sdlite.rng import A1111_RNG, DEFAULT_SOURCE, NoiseGenerator
 from sdlite.safety import ClipPreprocessing, check_images, load_preprocessing
 from sdlite.tokenizer import CLIPTokenizer
 from sdlite.vae import Vae
 from sdlite.watermark import check_watermark_size, encode_watermark
 
+__all__ = ["GenerationRequest", "Pipeline", "check_size", "check_strength"]
+
 LATENT_CHANNELS = 4
 # In low-memory mode the VAE tiles once its estimated working set passes this (auto tiling).
 LOW_MEMORY_VAE_BUDGET = 1 << 30
-MAX_SEED = 2**64 - 1
 
 # diffusers' scheduler classes -> the A1111 sampler name sdlite uses when the user names none.
 _DEFAULT_SAMPLERS = {
@@ -59,25 +62,6 @@ _DEFAULT_SAMPLERS = {
 
 
 @dataclass(frozen=True)
-class GenerationRequest:
-    """Checked parameters of one txt2img call."""
-
-    prompt: str
-    negative_prompt: str
-    steps: int
-    cfg_scale: float
-    sampler: str
-    seed: int
-    width: int
-    height: int
-    batch: int
-    seed_source: str = DEFAULT_SOURCE
-    schedule: str | None = None
-    clip_skip: int = 1
-    watermark: bool = False
-
-
-@dataclass(frozen=True)
 class Init:
     """What a mode starts the loop from: noise (txt2img), or an image (N=1, 3, H, W in -1..1) noised to
     ``strength``, optionally with a binary repaint mask (1, 1, H, W)."""
@@ -86,12 +70,6 @@ class Init:
     pixels: np.ndarray | None = None
     strength: float = 1.0
     mask: np.ndarray | None = None
-
-
-def check_strength(strength: float) -> None:
-    """Strength is the fraction of the schedule that is re-run: (0, 1]."""
-    if not 0.0 < strength <= 1.0:
-        raise InputError(f"strength {strength}: must be above 0 and at most 1")
 
 
 def _as_image(image: Image.Image | str | Path) -> Image.Image:
@@ -112,12 +90,6 @@ def _checked_latents(latents: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return latents
 
 
-def check_size(width: int, height: int) -> None:
-    """Width and height must be positive multiples of 8 (the VAE's downsampling factor)."""
-    if width < 8 or height < 8 or width % 8 or height % 8:
-        raise InputError(f"size {width}x{height}: width and height must be positive multiples of 8")
-
-
 class Pipeline:
     """Text-to-image generation on a converted-model folder.
 
@@ -125,9 +97,12 @@ class Pipeline:
     ``safety_checker=False``: flagged images come back black, and the result's ``nsfw_content_detected``
     holds one flag per image (``sdlite.results``).
 
-    ``low_memory`` loads each part (text encoder, U-Net, VAE decoder) just before it runs and releases it
-    afterwards, so peak memory is the largest part rather than their sum. ``embeddings`` is a folder of
-    textual-inversion embeddings that prompts can name (``sdlite.embeddings``).
+    Memory: ``memory_budget`` (GiB) bounds what the loaded parts hold; a part stays loaded between uses
+    while the parts fit, so repeated generations pay only their compute, and the least recently used parts
+    are released when one that is needed would not fit (``sdlite.parts``). ``low_memory`` is a budget of 0:
+    each part (text encoder, U-Net, VAE) is loaded just before it runs and released afterwards, so the peak is
+    the largest part rather than their sum. ``embeddings`` is a folder of textual-inversion embeddings that
+    prompts can name (``sdlite.embeddings``).
     """
 
     def __init__(
@@ -142,46 +117,67 @@ class Pipeline:
         vae_tiling: str = "auto",
         safety_checker: bool = True,
         embeddings: str | Path | None = None,
+        memory_budget: float | None = None,
     ):
         check_engine(engine)
+        if memory_budget is not None and not (isinstance(memory_budget, int | float) and memory_budget >= 0):
+            raise InputError(f"memory_budget {memory_budget!r}: must be a number of GiB, 0 or more")
         self.folder = folder
         self.engine_name = engine
         self.device = device
         self.precision = precision
         self.compute = compute
-        self.low_memory = low_memory
+        self.low_memory = low_memory or memory_budget == 0
         self.threads = threads
         self.tokenizer = CLIPTokenizer.from_folder(folder.tokenizer_dir)
-        self._engines: dict[str, Engine] = {}
-        # Resolve every graph now, so a missing part or precision fails before any work.
-        self._graphs = {
-            name: folder.graph(name, ENGINE_FORMATS[engine], precision)
-            for name in ("text_encoder", "unet", "vae_decoder")
-        }
+        formats = ENGINE_FORMATS[engine]
         # ToMe, when the U-Net was converted with it, changes the image: the infotext says so (as A1111's).
-        self.token_merging = folder.variant("unet", ENGINE_FORMATS[engine], precision).token_merging
+        self.token_merging = folder.variant("unet", formats, precision).token_merging
         # The checkpoint's safety checker runs by default when the folder has one (fp32 only, in the format
         # the engine prefers); safety_checker=False never loads it.
         self.safety_checker = safety_checker and bool(folder.variants("safety_checker"))
         self._safety_preprocessing: ClipPreprocessing | None = None
         if self.safety_checker:
-            self._graphs["safety_checker"] = folder.graph("safety_checker", ENGINE_FORMATS[engine])
             self._safety_preprocessing = load_preprocessing(folder.path)
         self.embeddings = (
             EmbeddingLibrary.load(embeddings, self.tokenizer.tokenize, self.tokenizer.vocab_size, folder.text_width)
             if embeddings is not None
             else None
         )
-        self.conditioner = TextConditioner(self.tokenizer, self._graphs["text_encoder"], self.embeddings)
+        # Textual-inversion vectors become new rows of the text encoder's token table in the loaded copy.
+        rows = self.embeddings.rows if self.embeddings is not None else None
+        token_rows = {}
+        if rows is not None and rows.size:
+            token_rows["text_encoder"] = TokenRows(self.embeddings.first_id, rows)
+        budget = 0 if self.low_memory else None if memory_budget is None else int(memory_budget * (1 << 30))
+        self.parts = PartPool(
+            lambda name: folder.graph(name, formats, None if name == "safety_checker" else precision),
+            engine,
+            device,
+            threads,
+            compute,
+            budget_bytes=budget,
+            token_rows=token_rows,
+        )
+        # Resolve every graph now, so a missing part or precision fails before any work.
+        resident = ["text_encoder", "unet", "vae_decoder", *(["safety_checker"] if self.safety_checker else [])]
+        for name in resident:
+            self.parts.path(name)
+        self.family = StableDiffusionFamily(
+            TextConditioner(self.tokenizer, self.parts.path("text_encoder"), self.embeddings),
+            self.parts.get,
+            self.parts.done,
+        )
         self.vae = Vae(
-            self._engine,
+            self.parts.get,
             folder.manifest.vae_scaling_factor,
             tiling=vae_tiling,
-            budget_bytes=LOW_MEMORY_VAE_BUDGET if low_memory else None,
+            budget_bytes=LOW_MEMORY_VAE_BUDGET if self.low_memory else None,
         )
-        if not low_memory:
-            for name in self._graphs:
-                self._engine(name)
+        if budget is None:
+            for name in resident:
+                self.parts.get(name)
+                self.parts.done(name)
 
     @classmethod
     def load(
@@ -196,13 +192,15 @@ class Pipeline:
         vae_tiling: str = "auto",
         safety_checker: bool = True,
         embeddings: str | Path | None = None,
+        memory_budget: float | None = None,
     ) -> Pipeline:
         """Open the converted-model folder at ``path`` and load its parts in ``engine`` on ``device``.
 
         ``compute`` is the arithmetic precision (f32, bf16, f16, or auto: the device's default);
         ``vae_tiling`` (auto, on, off) decodes and encodes big images in tiles to bound memory;
         ``embeddings`` is a folder of textual-inversion embeddings (``.safetensors``, AUTOMATIC1111 or
-        diffusers layout) that prompts use by name, no conversion needed."""
+        diffusers layout) that prompts use by name, no conversion needed; ``memory_budget`` (GiB) bounds what
+        the loaded parts hold (see :class:`Pipeline`)."""
         return cls(
             ModelFolder.open(path),
             engine=engine,
@@ -214,6 +212,7 @@ class Pipeline:
             vae_tiling=vae_tiling,
             safety_checker=safety_checker,
             embeddings=embeddings,
+            memory_budget=memory_budget,
         )
 
     @property
@@ -235,33 +234,16 @@ class Pipeline:
             return compute_precision(self.device, self.compute)
         return "f32"
 
-    def _engine(self, name: str) -> Engine:
-        if name not in self._engines:
-            if name not in self._graphs:  # the VAE encoder: only img2img and inpainting need it
-                self._graphs[name] = self.folder.graph(name, ENGINE_FORMATS[self.engine_name], self.precision)
-            # CLIP's causal mask is built from float32's lowest value times 0/1 flags; in bf16 that value
-            # rounds to -inf and 0 * -inf gives NaN. The text encoder is a tiny share of the work, so it
-            # always computes in f32. So does the safety checker, whose thresholds decide whether an image
-            # is blacked out (it runs once per image).
-            compute = "f32" if name in ("text_encoder", "safety_checker") else self.compute
-            # Textual-inversion vectors become new rows of the text encoder's token table in the loaded copy.
-            rows = self.embeddings.rows if name == "text_encoder" and self.embeddings is not None else None
-            token_rows = TokenRows(self.embeddings.first_id, rows) if rows is not None and rows.size else None
-            self._engines[name] = load_engine(
-                self._graphs[name], self.engine_name, self.device, self.threads, compute, token_rows
-            )
-        return self._engines[name]
-
-    def _done_with(self, name: str) -> None:
-        if self.low_memory and name in self._engines:
-            self._engines.pop(name).release()
+    @property
+    def conditioner(self) -> TextConditioner:
+        """The prompt encoder of the model's text encoder (chunks, emphasis, embeddings)."""
+        return self.family.conditioner
 
     def encode_prompt(self, prompts: list[str], clip_skip: int = 1) -> np.ndarray:
         """Prompts in AUTOMATIC1111's syntax (emphasis, BREAK, any length) -> the U-Net's context,
         (len(prompts), 77 * chunks, width), every prompt padded to the same number of chunks. ``clip_skip``
         N > 1 takes the text encoder's N-th layer from the end (see ``sdlite.conditioning``)."""
-        encoder = self._engine("text_encoder")
-        return self.conditioner.encode(prompts, lambda ids: encoder.run({"input_ids": ids}), clip_skip)
+        return self.family.encode(prompts, clip_skip)
 
     def _check(
         self,
@@ -279,31 +261,11 @@ class Pipeline:
         clip_skip: int = 1,
         watermark: bool = False,
     ) -> GenerationRequest:
-        width = width or self.default_size[0]
-        height = height or self.default_size[1]
-        check_size(width, height)
-        if steps < 1:
-            raise InputError(f"steps {steps}: must be at least 1")
-        if batch < 1:
-            raise InputError(f"batch {batch}: must be at least 1")
-        if seed is None or seed < 0:
-            seed = int(np.random.default_rng().integers(0, 2**32))
-        if seed > MAX_SEED:
-            raise InputError(f"seed {seed}: must be at most 2**64-1")
-        try:
-            sampler = schedulers.canonical_name(sampler or self.default_sampler)
-            # Fails early on an unknown schedule, a schedule the sampler cannot take, or 0 steps.
-            schedulers.create(sampler, self.folder.scheduler_config, schedule).set_timesteps(steps)
-        except ValueError as exc:
-            raise InputError(str(exc)) from None
-        if seed_source not in SOURCES:
-            raise InputError(f"seed source {seed_source!r}: unknown; known: {', '.join(SOURCES)}")
-        check_clip_skip(clip_skip)
-        return GenerationRequest(
+        return make_request(
             prompt,
-            negative_prompt or "",
+            negative_prompt,
             steps,
-            float(cfg_scale),
+            cfg_scale,
             sampler,
             seed,
             width,
@@ -311,8 +273,11 @@ class Pipeline:
             batch,
             seed_source,
             schedule,
-            int(clip_skip),
-            bool(watermark),
+            clip_skip,
+            watermark,
+            default_size=self.default_size,
+            default_sampler=self.default_sampler,
+            scheduler_config=self.folder.scheduler_config,
         )
 
     def txt2img(
@@ -333,15 +298,16 @@ class Pipeline:
         latents: np.ndarray | None = None,
         output_type: str = "pil",
         progress: bool = True,
-        callback: Callable[[int, np.ndarray], None] | None = None,
+        callback: StepCallback | None = None,
     ) -> list[Image.Image] | np.ndarray:
         """Generate ``batch`` images for ``prompt``.
 
         Image ``i`` uses seed ``seed + i`` (as AUTOMATIC1111 does), so any image of a batch can be made again
         alone. ``latents``, when given, replaces the initial noise (shape (batch, 4, height/8, width/8)).
         ``output_type="np"`` returns the decoded float images (batch, H, W, 3) in 0..1 instead of PIL images;
-        PIL images carry their infotext in ``image.info["parameters"]``. ``callback(i, latents)`` runs after
-        every step. Prompts take AUTOMATIC1111's syntax (``(word:1.2)``, ``[word]``, ``BREAK``, any length);
+        PIL images carry their infotext in ``image.info["parameters"]``. ``callback(step, total, latents,
+        denoised)`` runs after every model evaluation (``sdlite.denoiser.StepCallback``). Prompts take
+        AUTOMATIC1111's syntax (``(word:1.2)``, ``[word]``, ``BREAK``, any length);
         ``clip_skip`` 2 conditions on the text encoder's penultimate layer, as A1111's "Clip skip". ``watermark``
         hides the original Stable Diffusion scripts' invisible mark ("StableDiffusionV1") in the images, which
         invisible-watermark's ``dwtDct`` decoder reads back (``sdlite.watermark``; images of 256x256 pixels or more).
@@ -373,7 +339,7 @@ class Pipeline:
         resize: str = "fit",
         output_type: str = "pil",
         progress: bool = True,
-        callback: Callable[[int, np.ndarray], None] | None = None,
+        callback: StepCallback | None = None,
         **options,
     ) -> list[Image.Image] | np.ndarray:
         """Repaint ``image`` towards ``prompt`` (SDEdit, Meng et al. 2022): noise it to ``strength`` (0..1]
@@ -401,7 +367,7 @@ class Pipeline:
         resize: str = "fit",
         output_type: str = "pil",
         progress: bool = True,
-        callback: Callable[[int, np.ndarray], None] | None = None,
+        callback: StepCallback | None = None,
         **options,
     ) -> list[Image.Image] | np.ndarray:
         """Repaint the white part of ``mask`` in ``image``.
@@ -458,7 +424,7 @@ class Pipeline:
         seam: int = 16,
         output_type: str = "pil",
         progress: bool = True,
-        callback: Callable[[int, np.ndarray], None] | None = None,
+        callback: StepCallback | None = None,
         **options,
     ) -> list[Image.Image] | np.ndarray:
         """Grow ``image`` by ``extend`` = (left, top, right, bottom) pixels (multiples of 8) and paint the new
@@ -498,7 +464,7 @@ class Pipeline:
         strength: float,
         resize: str,
         progress: bool,
-        callback: Callable[[int, np.ndarray], None] | None,
+        callback: StepCallback | None,
     ) -> np.ndarray:
         """Inpaint at the request's size; returns decoded images (N, H, W, 3) before pasting back."""
         target = (request.width, request.height)
@@ -513,7 +479,7 @@ class Pipeline:
         request: GenerationRequest,
         init: Init,
         progress: bool,
-        callback: Callable[[int, np.ndarray], None] | None,
+        callback: StepCallback | None,
     ) -> np.ndarray:
         """The denoising loop shared by every mode; returns decoded images (N, H, W, 3) in 0..1.
 
@@ -521,26 +487,15 @@ class Pipeline:
         posterior sample, then the initial noise, then per-step noise), so runs can be compared with them."""
         scheduler = schedulers.create(request.sampler, self.folder.scheduler_config, request.schedule)
         scheduler.set_timesteps(request.steps)
-        timesteps = np.asarray(scheduler.timesteps)
-        if init.pixels is not None and init.strength < 1.0:
-            # SDEdit: skip the first (1 - strength) of the schedule (diffusers' get_timesteps).
-            start = request.steps - min(int(request.steps * init.strength), request.steps)
-            timesteps = timesteps[start * scheduler.order :]
-            if len(timesteps) == 0:
-                raise InputError(
-                    f"strength {init.strength} with {request.steps} steps leaves no step to run; "
-                    "raise the strength or the steps"
-                )
+        strength = init.strength if init.pixels is not None else 1.0
+        timesteps = schedule_tail(scheduler, request.steps, strength)
         shape = (1, LATENT_CHANNELS, request.height // 8, request.width // 8)
         streams = [NoiseGenerator(request.seed + i, request.seed_source) for i in range(request.batch)]
 
         def draw() -> np.ndarray:
             return np.concatenate([stream.randn(shape) for stream in streams])
 
-        guided = request.cfg_scale > 1.0  # diffusers skips the unconditional pass when cfg <= 1
-        prompts = [request.negative_prompt, request.prompt] if guided else [request.prompt]
-        context = np.repeat(self.encode_prompt(prompts, request.clip_skip), request.batch, axis=0)
-        self._done_with("text_encoder")
+        conditioning = self.family.conditioning(request)
 
         in_channels = self.folder.unet_in_channels
         conditioned = in_channels == 2 * LATENT_CHANNELS + 1  # an inpainting U-Net: latents, mask, masked image
@@ -572,41 +527,25 @@ class Pipeline:
         if conditioned and mask_latents is None:
             raise InputError(f"{self.folder.path}: this is an inpainting model; use inpaint or outpaint")
         if init.pixels is not None:
-            self._done_with("vae_encoder")
+            self.parts.done("vae_encoder")
 
-        unet = self._engine("unet")
-        copies = 2 if guided else 1
-        # An inpainting U-Net's extra channels (mask, masked-image latents) are the same at every step.
-        condition = (
-            np.concatenate([np.concatenate([mask_latents, masked_latents], axis=1)] * copies) if conditioned else None
-        )
-        for i, t in enumerate(tqdm(timesteps, desc="denoise", unit="step", disable=not progress)):
-            model_input = scheduler.scale_model_input(np.concatenate([latents] * copies), t)
-            if conditioned:
-                model_input = np.concatenate([model_input, condition], axis=1)
-            eps = unet.run(
-                {
-                    "sample": model_input.astype(np.float32, copy=False),
-                    "timestep": np.full((len(model_input),), t, dtype=np.float32),
-                    "encoder_hidden_states": context,
-                }
-            )["out_sample"]
-            if guided:
-                uncond, cond = np.split(eps, 2)
-                eps = uncond + np.float32(request.cfg_scale) * (cond - uncond)
-            step_noise = draw() if scheduler.stochastic else None
-            latents = scheduler.step(eps, t, latents, noise=step_noise).astype(np.float32, copy=False)
-            if mask_latents is not None and not conditioned:
+        after_step = None
+        if mask_latents is not None and not conditioned:
+
+            def after_step(i: int, latents: np.ndarray) -> np.ndarray:
                 # Keep the unmasked area: the original latents, noised to the next step's level.
                 proper = image_latents
                 if i < len(timesteps) - 1:
                     proper = scheduler.add_noise(image_latents, noise, np.full(request.batch, timesteps[i + 1]))
-                latents = ((1 - mask_latents) * proper + mask_latents * latents).astype(np.float32)
-            if callback is not None:
-                callback(i, latents)
-        self._done_with("unet")
+                return ((1 - mask_latents) * proper + mask_latents * latents).astype(np.float32)
+
+        # An inpainting U-Net's extra channels (mask, masked-image latents) are the same at every step.
+        channels = np.concatenate([mask_latents, masked_latents], axis=1) if conditioned else None
+        denoiser = Denoiser(self.parts.get("unet"), conditioning, request.cfg_scale, channels)
+        latents = denoise(scheduler, timesteps, latents, denoiser, draw, after_step, callback, progress)
+        self.parts.done("unet")
         images = self.vae.decode(latents)
-        self._done_with("vae_decoder")
+        self.parts.done("vae_decoder")
         return images
 
     def _check_output(self, request: GenerationRequest, size: tuple[int, int]) -> None:
@@ -628,8 +567,8 @@ class Pipeline:
         carry the flags as ``nsfw_content_detected``."""
         flags = None
         if self.safety_checker:
-            images, flags = check_images(images, lambda: self._engine("safety_checker"), self._safety_preprocessing)
-            self._done_with("safety_checker")
+            images, flags = check_images(images, lambda: self.parts.get("safety_checker"), self._safety_preprocessing)
+            self.parts.done("safety_checker")
         if request.watermark:
             pixels = [encode_watermark(np.asarray(image)) for image in to_pil(images)]
             images = np.stack(pixels).astype(np.float32) / 255.0
@@ -655,7 +594,7 @@ class Pipeline:
             # A1111 writes the hashes of the LoRAs it applied; here they were fused at conversion.
             "Lora hashes": manifest.lora_hashes(),
             # The embeddings the prompt or negative prompt named, as A1111 records them.
-            "TI hashes": ti_hashes(self.conditioner.embeddings_used([request.prompt, request.negative_prompt])),
+            "TI hashes": ti_hashes(self.family.embeddings_used(request)),
             **extra,
             "Token merging ratio": self.token_merging or None,
             # A1111 writes the key only when the setting is off its default.
@@ -676,6 +615,4 @@ class Pipeline:
 
     def release(self) -> None:
         """Free every loaded part."""
-        for engine in self._engines.values():
-            engine.release()
-        self._engines.clear()
+        self.parts.release()

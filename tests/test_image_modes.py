@@ -234,8 +234,8 @@ def test_tiled_decode_close_to_untiled(tiny_onnx):
 
     pipe = Pipeline.load(tiny_onnx)
     latents = NoiseGenerator(5).randn((1, 4, 32, 32))
-    whole = Vae(pipe._engine, 0.18215, tiling="off").decode(latents)
-    tiled = Vae(pipe._engine, 0.18215, tiling="on", tile_latent=16, overlap_latent=4).decode(latents)
+    whole = Vae(pipe.parts.get, 0.18215, tiling="off").decode(latents)
+    tiled = Vae(pipe.parts.get, 0.18215, tiling="on", tile_latent=16, overlap_latent=4).decode(latents)
     assert tiled.shape == whole.shape == (1, 256, 256, 3)
     mse = float(np.mean((tiled - whole) ** 2))
     psnr = 10 * np.log10(1.0 / mse)

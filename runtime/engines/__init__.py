@@ -13,6 +13,8 @@ from sdlite.errors import InputError
 ENGINES = ("onnx", "openvino")
 # The graph formats each engine reads, preferred first (OpenVINO reads ONNX files directly too).
 ENGINE_FORMATS = {"onnx": ("onnx",), "openvino": ("openvino", "onnx")}
+# Arithmetic precisions a caller may ask for; "auto" is the device's default (bf16 on CPUs that have it).
+COMPUTE_PRECISIONS = ("auto", "f32", "bf16", "f16")
 
 
 class Engine(Protocol):

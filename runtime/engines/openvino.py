@@ -8,13 +8,14 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 
+from sdlite.engines import COMPUTE_PRECISIONS
 from sdlite.engines.mapped_pages import ReleasedWhileRunning
 from sdlite.engines.token_table import TokenRows, extend_openvino_token_table
 from sdlite.errors import InputError, summarize
 
 # sdlite's compute names -> OpenVINO's inference precision hint; "auto" keeps the plugin's choice
 # (bf16 on CPUs with AVX512_BF16 or AMX, about 2x faster than f32 there; see FINDINGS.md).
-COMPUTE_HINTS = {"f32": "f32", "bf16": "bf16", "f16": "f16", "auto": None}
+COMPUTE_HINTS = {name: None if name == "auto" else name for name in COMPUTE_PRECISIONS}
 _CORE: ov.Core | None = None
 
 

@@ -73,7 +73,7 @@ class Scheduler(Protocol):
     init_noise_sigma: float
     timesteps: np.ndarray  # model timesteps after set_timesteps, in the order to run them
     stochastic: bool  # True when step() needs a standard normal `noise` array
-    order: int  # model evaluations per entry of `timesteps`
+    order: int  # model evaluations per step (diffusers' meaning): step k begins at entry k * order
 
     def set_timesteps(self, num_inference_steps: int) -> None: ...
 

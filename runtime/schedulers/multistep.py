@@ -42,7 +42,7 @@ class MultistepSampler:
 
     name = ""
     stochastic = False
-    order = 1  # model evaluations per entry of `timesteps`
+    order = 1  # model evaluations per step: step k begins at entry k * order of `timesteps`
     init_noise_sigma = 1.0
     DEFAULTS: dict[str, Any] = {}
     # Whether the timesteps of Karras sigmas are rounded (else truncated) to integers.

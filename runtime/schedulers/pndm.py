@@ -39,7 +39,7 @@ class PNDMScheduler(VPSampler):
     """
 
     name = "PNDM"
-    order = 1  # model evaluations per entry of `timesteps` (the duplicated entries are extra evaluations)
+    order = 1  # as diffusers' PNDM: a strength cut counts entries (the duplicated entry is an extra evaluation)
     DEFAULTS = DEFAULTS
     PREDICTION_TYPES = ("epsilon", "v_prediction")
 

@@ -75,7 +75,7 @@ class VESampler:
 
     name = ""
     stochastic = False
-    order = 1  # model evaluations per entry of `timesteps`
+    order = 1  # model evaluations per step: step k begins at entry k * order of `timesteps`
     DEFAULTS: dict[str, Any] = {}
     PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
     # Sigma schedules the reference class can use (its use_*_sigmas flags).
@@ -248,6 +248,8 @@ class TwoStageSampler(VESampler):
     is a single Euler step (as in k-diffusion and diffusers). Subclasses give the second point's sigma and
     the two stages' updates.
     """
+
+    order = 2  # step k begins at entry 2k (a strength cut lands there, never on a second stage)
 
     def _reset_state(self) -> None:
         self._start: np.ndarray | None = None  # x at the start of the step in progress

@@ -1,0 +1,136 @@
+"""The denoising loop every mode shares: the guided model call and the sampler walking its schedule.
+
+:class:`Denoiser` owns classifier-free guidance (Ho & Salimans 2022, eq. 6: one U-Net batch of
+[unconditional, conditional], combined as ``uncond + s * (cond - uncond)``; at a scale of 1 or below the
+unconditional half is never run), the sampler's input scaling, and the model inputs beside the sample (the
+family's conditioning, an inpainting U-Net's mask channels), passed to the graph by input name.
+
+:func:`schedule_tail` is where img2img and inpainting strength cut the schedule: at the start of a sampler
+step (``order`` evaluations), so a two-evaluation sampler never starts in the middle of one; the count of model
+evaluations is the one diffusers' img2img pipelines run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from sdlite import schedulers
+from sdlite.engines import Engine
+from sdlite.errors import InputError
+
+# callback(step, total, latents, denoised): after model evaluation ``step`` (0-based) of ``total``, the current
+# latents and the model's clean-latent estimate at that evaluation (what previews decode).
+StepCallback = Callable[[int, int, np.ndarray, np.ndarray], None]
+
+
+def steps_to_run(steps: int, strength: float) -> int:
+    """Sampler steps that strength ``strength`` re-runs of a ``steps``-step schedule: int(steps * strength), as
+    diffusers' get_timesteps counts, and at least one (A1111 runs one step at the smallest strengths too)."""
+    return max(1, min(int(steps * strength), steps))
+
+
+def schedule_tail(scheduler: schedulers.Scheduler, steps: int, strength: float) -> np.ndarray:
+    """The timesteps to run for SDEdit at ``strength`` (Meng et al. 2022): the scheduler's schedule (already set
+    for ``steps``) from the first evaluation of step ``steps - steps_to_run``. Strength 1 runs everything."""
+    timesteps = np.asarray(scheduler.timesteps)
+    if strength >= 1.0:
+        return timesteps
+    start = steps - steps_to_run(steps, strength)
+    tail = timesteps[start * scheduler.order :]
+    if len(tail) == 0:
+        raise InputError(f"strength {strength} with {steps} steps leaves no step to run; raise strength or steps")
+    return tail
+
+
+def predicted_x0(scheduler: schedulers.Scheduler, model_input: np.ndarray, output: np.ndarray, t: float) -> np.ndarray:
+    """The clean latents the model's ``output`` implies at timestep ``t``.
+
+    Every sampler feeds the model the variance-preserving sample x = sqrt(a) x0 + sqrt(1 - a) eps (Ho et al.
+    2020, eq. 4), with a = alpha_bar(t) = 1 / (1 + sigma(t)^2) and sigma(t) interpolated from the training
+    table as the sigma samplers do for fractional timesteps."""
+    table = scheduler.alphas_cumprod
+    sigmas = ((1 - table) / table) ** 0.5
+    sigma = float(np.interp(float(t), np.arange(len(table)), sigmas))
+    a = 1.0 / (1.0 + sigma * sigma)
+    prediction = getattr(scheduler, "prediction_type", "epsilon")
+    if prediction == "epsilon":
+        x0 = (model_input - (1 - a) ** 0.5 * output) / a**0.5
+    elif prediction == "v_prediction":  # Salimans & Ho 2022: v = sqrt(a) eps - sqrt(1 - a) x0
+        x0 = a**0.5 * model_input - (1 - a) ** 0.5 * output
+    else:
+        x0 = output
+    return np.asarray(x0, dtype=np.float32)
+
+
+@dataclass
+class Denoiser:
+    """The guided U-Net call at one timestep.
+
+    ``conditioning`` holds the graph inputs other than the sample and timestep, batched as
+    [unconditional..., conditional...] when guided (``cfg_scale > 1``), conditional only otherwise;
+    ``channels`` are extra input channels concatenated after the scaled sample (an inpainting U-Net's mask and
+    masked-image latents), for one copy of the batch."""
+
+    unet: Engine
+    conditioning: Mapping[str, np.ndarray]
+    cfg_scale: float
+    channels: np.ndarray | None = None
+    _copies: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._copies = 2 if self.guided else 1
+        if self.channels is not None:
+            self.channels = np.concatenate([self.channels] * self._copies)
+
+    @property
+    def guided(self) -> bool:
+        """Whether the unconditional prediction is computed (CFG scale above 1)."""
+        return self.cfg_scale > 1.0
+
+    def __call__(self, scheduler: schedulers.Scheduler, latents: np.ndarray, t: float) -> tuple[np.ndarray, np.ndarray]:
+        """(guided model output, the scaled model input of the latents) at timestep ``t``."""
+        scaled = scheduler.scale_model_input(latents, t)
+        model_input = np.concatenate([scaled] * self._copies)
+        if self.channels is not None:
+            model_input = np.concatenate([model_input, self.channels], axis=1)
+        output = self.unet.run(
+            {
+                "sample": model_input.astype(np.float32, copy=False),
+                "timestep": np.full((len(model_input),), t, dtype=np.float32),
+                **self.conditioning,
+            }
+        )["out_sample"]
+        if self.guided:
+            uncond, cond = np.split(output, 2)
+            output = uncond + np.float32(self.cfg_scale) * (cond - uncond)
+        return output, scaled
+
+
+def denoise(
+    scheduler: schedulers.Scheduler,
+    timesteps: np.ndarray,
+    latents: np.ndarray,
+    denoiser: Denoiser,
+    draw_noise: Callable[[], np.ndarray],
+    after_step: Callable[[int, np.ndarray], np.ndarray] | None = None,
+    callback: StepCallback | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """Run ``scheduler`` over ``timesteps`` from ``latents``; returns the final latents.
+
+    ``draw_noise`` gives the fresh noise a stochastic sampler adds at each evaluation; ``after_step(i, latents)``
+    may change the latents after evaluation ``i`` (inpainting with a regular U-Net blends the kept area back)."""
+    total = len(timesteps)
+    for i, t in enumerate(tqdm(timesteps, desc="denoise", unit="step", disable=not progress)):
+        output, scaled = denoiser(scheduler, latents, t)
+        step_noise = draw_noise() if scheduler.stochastic else None
+        latents = scheduler.step(output, t, latents, noise=step_noise).astype(np.float32, copy=False)
+        if after_step is not None:
+            latents = after_step(i, latents)
+        if callback is not None:
+            callback(i, total, latents, predicted_x0(scheduler, scaled, output, t))
+    return latents

@@ -1,0 +1,135 @@
+"""One generation request: every parameter a caller gives, checked once, then frozen.
+
+The CLI, the Python API and the benchmarks all build a :class:`GenerationRequest` through
+:func:`make_request`; error messages name the parameter (``cfg_scale``, ``steps``), which the CLI maps to its
+own flags. The name enumerations (samplers, schedules, seed sources) come from their own modules, so the CLI's
+choices and these checks agree.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from numbers import Integral, Real
+from typing import Any
+
+import numpy as np
+
+from sdlite import schedulers
+from sdlite.conditioning import check_clip_skip
+from sdlite.errors import InputError
+from sdlite.rng import DEFAULT_SOURCE, SOURCES
+
+MAX_SEED = 2**64 - 1
+# Far beyond any useful value; the bounds keep a typo (cfg 7000) from running for minutes to a blank image.
+MAX_STEPS = 1000
+MAX_CFG_SCALE = 100.0
+MAX_BATCH = 64
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Checked parameters of one generation (any mode)."""
+
+    prompt: str
+    negative_prompt: str
+    steps: int
+    cfg_scale: float
+    sampler: str
+    seed: int
+    width: int
+    height: int
+    batch: int
+    seed_source: str = DEFAULT_SOURCE
+    schedule: str | None = None
+    clip_skip: int = 1
+    watermark: bool = False
+
+    @property
+    def guided(self) -> bool:
+        """Classifier-free guidance runs only above CFG 1 (at 1 it equals the conditional prediction)."""
+        return self.cfg_scale > 1.0
+
+
+def check_size(width: int, height: int) -> None:
+    """Width and height must be positive multiples of 8 (the VAE's downsampling factor)."""
+    if width < 8 or height < 8 or width % 8 or height % 8:
+        raise InputError(f"size {width}x{height}: width and height must be positive multiples of 8")
+
+
+def check_strength(strength: float) -> None:
+    """Strength is the fraction of the schedule that is re-run: (0, 1]."""
+    if not _is_real(strength) or not 0.0 < float(strength) <= 1.0:
+        raise InputError(f"strength {strength}: must be above 0 and at most 1")
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+def _integer(name: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral) or not low <= value <= high:
+        raise InputError(f"{name} {value!r}: must be a whole number from {low} to {high}")
+    return int(value)
+
+
+def make_request(
+    prompt: str,
+    negative_prompt: str | None = "",
+    steps: int = 20,
+    cfg_scale: float = 7.5,
+    sampler: str | None = None,
+    seed: int | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    batch: int = 1,
+    seed_source: str = DEFAULT_SOURCE,
+    schedule: str | None = None,
+    clip_skip: int = 1,
+    watermark: bool = False,
+    *,
+    default_size: tuple[int, int],
+    default_sampler: str,
+    scheduler_config: Mapping[str, Any],
+) -> GenerationRequest:
+    """Check every parameter and fill the defaults (the model's size and sampler, a random seed when ``seed``
+    is None or negative); raises InputError naming the first wrong parameter and what it should be."""
+    if not isinstance(prompt, str):
+        raise InputError(f"prompt {prompt!r}: must be text")
+    if negative_prompt is not None and not isinstance(negative_prompt, str):
+        raise InputError(f"negative_prompt {negative_prompt!r}: must be text")
+    width = default_size[0] if width is None else _integer("width", width, 8, 1 << 16)
+    height = default_size[1] if height is None else _integer("height", height, 8, 1 << 16)
+    check_size(width, height)
+    steps = _integer("steps", steps, 1, MAX_STEPS)
+    batch = _integer("batch", batch, 1, MAX_BATCH)
+    if not _is_real(cfg_scale) or not 0.0 <= float(cfg_scale) <= MAX_CFG_SCALE:
+        raise InputError(f"cfg_scale {cfg_scale!r}: must be a finite number from 0 to {MAX_CFG_SCALE:g}")
+    if seed is None or (isinstance(seed, Integral) and not isinstance(seed, bool) and seed < 0):
+        seed = int(np.random.default_rng().integers(0, 2**32))
+    seed = _integer("seed", seed, 0, MAX_SEED)
+    try:
+        sampler = schedulers.canonical_name(sampler or default_sampler)
+        # Fails early on an unknown schedule, a schedule the sampler cannot take, or too many steps.
+        schedulers.create(sampler, scheduler_config, schedule).set_timesteps(steps)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    if seed_source not in SOURCES:
+        raise InputError(f"seed_source {seed_source!r}: unknown; known: {', '.join(SOURCES)}")
+    check_clip_skip(clip_skip)
+    return GenerationRequest(
+        prompt,
+        negative_prompt or "",
+        steps,
+        float(cfg_scale),
+        sampler,
+        seed,
+        width,
+        height,
+        batch,
+        seed_source,
+        schedule,
+        int(clip_skip),
+        bool(watermark),
+    )
