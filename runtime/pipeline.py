@@ -32,12 +32,11 @@ from sdlite.results import ImageArray, Images
 from sdlite.rng import A1111_RNG, DEFAULT_SOURCE, NoiseGenerator
 from sdlite.safety import ClipPreprocessing, check_images, load_preprocessing
 from sdlite.tokenizer import CLIPTokenizer
-from sdlite.vae import Vae
+from sdlite.vae import LatentCodec, Vae
 from sdlite.watermark import check_watermark_size, encode_watermark
 
 __all__ = ["GenerationRequest", "Pipeline", "check_size", "check_strength"]
 
-LATENT_CHANNELS = 4
 # In low-memory mode the VAE tiles once its estimated working set passes this (auto tiling).
 LOW_MEMORY_VAE_BUDGET = 1 << 30
 
@@ -168,7 +167,7 @@ class Pipeline:
             self.parts.get,
             self.parts.done,
         )
-        self.vae = Vae(
+        self.vae: LatentCodec = Vae(
             self.parts.get,
             folder.manifest.vae_scaling_factor,
             tiling=vae_tiling,
@@ -489,7 +488,8 @@ class Pipeline:
         scheduler.set_timesteps(request.steps)
         strength = init.strength if init.pixels is not None else 1.0
         timesteps = schedule_tail(scheduler, request.steps, strength)
-        shape = (1, LATENT_CHANNELS, request.height // 8, request.width // 8)
+        channels, factor = self.vae.channels, self.vae.factor
+        shape = (1, channels, request.height // factor, request.width // factor)
         streams = [NoiseGenerator(request.seed + i, request.seed_source) for i in range(request.batch)]
 
         def draw() -> np.ndarray:
@@ -498,7 +498,7 @@ class Pipeline:
         conditioning = self.family.conditioning(request)
 
         in_channels = self.folder.unet_in_channels
-        conditioned = in_channels == 2 * LATENT_CHANNELS + 1  # an inpainting U-Net: latents, mask, masked image
+        conditioned = in_channels == 2 * channels + 1  # an inpainting U-Net: latents, mask, masked image
         first_t = np.full(request.batch, timesteps[0])
         image_latents = masked_latents = mask_latents = None
         if init.pixels is None:
@@ -521,9 +521,12 @@ class Pipeline:
             if conditioned:
                 masked_latents = self.vae.encode_latents(init.pixels * (init.mask < 0.5), masked_noise)
             # Nearest-neighbour downsampling to the latent grid, as torch's interpolate does by default.
-            mask_latents = np.repeat(init.mask[:, :, ::8, ::8], request.batch, axis=0)
-        if not conditioned and in_channels != LATENT_CHANNELS:
-            raise InputError(f"{self.folder.path}: U-Net takes {in_channels} input channels; expected 4 or 9")
+            mask_latents = np.repeat(init.mask[:, :, ::factor, ::factor], request.batch, axis=0)
+        if not conditioned and in_channels != channels:
+            raise InputError(
+                f"{self.folder.path}: U-Net takes {in_channels} input channels; "
+                f"expected {channels} or {2 * channels + 1}"
+            )
         if conditioned and mask_latents is None:
             raise InputError(f"{self.folder.path}: this is an inpainting model; use inpaint or outpaint")
         if init.pixels is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 
@@ -33,6 +34,21 @@ def available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+class LatentCodec(Protocol):
+    """Pixels to latents and back: what the denoising loop works in. ``channels`` latent channels, each latent
+    cell covering ``factor`` x ``factor`` pixels; images are (N, 3, H, W) in -1..1 going in and (N, H, W, 3) in
+    0..1 coming out; latents are already scaled (and shifted) for the U-Net."""
+
+    channels: int
+    factor: int
+
+    def encode_latents(self, pixels: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        """Latents of ``pixels``, sampled from the posterior with standard normal ``noise`` where there is one."""
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Images of ``latents``."""
+
+
 class Vae:
     """Encoder and decoder of one model, with optional tiling.
 
@@ -54,6 +70,8 @@ class Vae:
             raise InputError(f"VAE tile overlap {overlap_latent} must be below the tile size {tile_latent}")
         self._engine = engine
         self.scaling_factor = scaling_factor
+        self.channels = 4
+        self.factor = LATENT_FACTOR
         self.tiling = tiling
         self.budget_bytes = budget_bytes if budget_bytes is not None else available_memory() // 2
         self.tile_latent = tile_latent
