@@ -244,36 +244,11 @@ class Pipeline:
         N > 1 takes the text encoder's N-th layer from the end (see ``sdlite.conditioning``)."""
         return self.family.encode(prompts, clip_skip)
 
-    def _check(
-        self,
-        prompt: str,
-        negative_prompt: str = "",
-        steps: int = 20,
-        cfg_scale: float = 7.5,
-        sampler: str | None = None,
-        seed: int | None = None,
-        width: int | None = None,
-        height: int | None = None,
-        batch: int = 1,
-        seed_source: str = DEFAULT_SOURCE,
-        schedule: str | None = None,
-        clip_skip: int = 1,
-        watermark: bool = False,
-    ) -> GenerationRequest:
+    def _check(self, *args, **kwargs) -> GenerationRequest:
+        """A checked request (``sdlite.request.make_request``) with this model's defaults."""
         return make_request(
-            prompt,
-            negative_prompt,
-            steps,
-            cfg_scale,
-            sampler,
-            seed,
-            width,
-            height,
-            batch,
-            seed_source,
-            schedule,
-            clip_skip,
-            watermark,
+            *args,
+            **kwargs,
             default_size=self.default_size,
             default_sampler=self.default_sampler,
             scheduler_config=self.folder.scheduler_config,

@@ -1,11 +1,113 @@
-"""Shared fixtures: the tiny model as a diffusers folder and converted by sdlite (built once per session)."""
+"""Shared fixtures: the tiny model as a diffusers folder and converted by sdlite (built once per session);
+and the ``torch`` marker.
+
+Tests that need torch (the ``convert`` extra: torch, diffusers, transformers, ``sdlite.convert``, the recipes)
+carry ``@pytest.mark.torch``. ``python -m pytest -m "not torch"`` runs the rest, which need only the runtime's
+own dependencies (``pip install -e ".[test]"``). A test is torch-marked when it uses one of the fixtures below
+that build models with torch (directly or through another fixture), when its module is torch-marked as a
+whole, or when its module imports a package of the convert extra at its top level (see ``torch_module``).
+"""
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import shutil
+from functools import cache
 from pathlib import Path
 
 import pytest
+
+# The fixtures below that build their models with torch.
+TORCH_FIXTURES = frozenset({"tiny_diffusers", "tiny_onnx", "text_model_dir", "ddim_reference"})
+# Import names of the convert extra and of the references that depend on torch (invisible-watermark and tomesd
+# require it): a module importing one at its top level cannot even be collected without torch.
+TORCH_PACKAGES = frozenset(
+    {
+        "torch",
+        "diffusers",
+        "transformers",
+        "safetensors",
+        "accelerate",
+        "peft",
+        "onnx",
+        "onnxscript",
+        "nncf",
+        "optimum",
+        "tomesd",
+        "imwatermark",
+        "sdlite.convert",
+        "sdlite.models.recipes",
+    }
+)
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+
+
+def _needs_torch(module_name: str) -> bool:
+    """Whether importing ``module_name`` needs the convert extra."""
+    return any(module_name == name or module_name.startswith(name + ".") for name in TORCH_PACKAGES)
+
+
+def _names_torch_marker(node: ast.AST) -> bool:
+    """Whether an expression mentions ``pytest.mark.torch`` (alone or in a list of marks)."""
+    return any(
+        isinstance(sub, ast.Attribute)
+        and sub.attr == "torch"
+        and isinstance(sub.value, ast.Attribute)
+        and sub.value.attr == "mark"
+        for sub in ast.walk(node)
+    )
+
+
+@cache
+def torch_module(path: Path) -> bool:
+    """Whether the test module at ``path`` needs torch as a whole.
+
+    True when its ``pytestmark`` names the torch marker, or when a top-level statement imports a package of
+    the convert extra (``import torch``, ``from diffusers import ...``, ``pytest.importorskip("torch")``).
+    Read from the source, without importing it, so that an install without torch can leave it out."""
+    tree = ast.parse(path.read_bytes(), filename=str(path))
+    for node in tree.body:
+        if isinstance(node, ast.Import) and any(_needs_torch(alias.name) for alias in node.names):
+            return True
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and _needs_torch(node.module):
+            return True
+        if isinstance(node, ast.Assign | ast.AnnAssign | ast.Expr) and node.value is not None:
+            targets = getattr(node, "targets", None) or [getattr(node, "target", None)]
+            if any(isinstance(t, ast.Name) and t.id == "pytestmark" for t in targets) and _names_torch_marker(
+                node.value
+            ):
+                return True
+            for call in ast.walk(node.value):
+                if (
+                    isinstance(call, ast.Call)
+                    and isinstance(call.func, ast.Attribute)
+                    and call.func.attr == "importorskip"
+                    and call.args
+                    and isinstance(call.args[0], ast.Constant)
+                    and isinstance(call.args[0].value, str)
+                    and _needs_torch(call.args[0].value)
+                ):
+                    return True
+    return False
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """Without torch, leave out the modules that need it as a whole: every test in them is torch-marked (so
+    ``-m "not torch"`` would deselect them all), and importing them would fail or skip."""
+    if HAVE_TORCH or collection_path.suffix != ".py" or not collection_path.name.startswith("test_"):
+        return None
+    return True if torch_module(collection_path) else None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Torch-mark the tests that use a torch-built fixture or live in a module that needs torch as a whole;
+    first, so that ``-m`` deselects by the marks added here."""
+    for item in items:
+        in_torch_module = item.path.suffix == ".py" and torch_module(item.path)
+        if in_torch_module or TORCH_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.torch)
 
 
 @pytest.fixture(scope="session")

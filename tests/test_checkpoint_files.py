@@ -14,6 +14,9 @@ from sdlite.cli import main
 from sdlite.convert.checkpoint_file import read_safetensors_header, read_state_dict
 from sdlite.errors import InputError
 
+# Every test here needs torch: checkpoints written with torch, read by sdlite.convert.
+pytestmark = pytest.mark.torch
+
 
 class _Payload:
     """Unpickling this calls ``open(marker, "w")``: the file appears only if code from the pickle ran."""

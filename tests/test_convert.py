@@ -9,9 +9,13 @@ import sys
 import time
 
 import onnx
+import pytest
 
 from sdlite.cli import main
 from sdlite.manifest import COMPONENTS
+
+# Every test here needs torch: sdlite.convert on the tiny model.
+pytestmark = pytest.mark.torch
 
 EXPECTED_IO = {
     # optimum's pair first, then every layer's hidden state for clip skip (the tiny encoder has 2 layers).

@@ -24,6 +24,7 @@ R = 1.1
 S = 1 / 1.1
 
 
+# The files are written by the safetensors package (the convert extra): tests that write them are torch-marked.
 def _save(path, tensors: dict[str, np.ndarray]) -> None:
     from safetensors.numpy import save_file
 
@@ -84,6 +85,7 @@ def _diffusers_context(pipe, file, token: str | None, prompt: str) -> np.ndarray
 # --- files ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.torch
 def test_reads_both_layouts_and_dtypes(tmp_path):
     from sdlite.embeddings import read_embedding
 
@@ -102,6 +104,7 @@ def test_reads_both_layouts_and_dtypes(tmp_path):
     np.testing.assert_array_equal(found["<half>"], vectors.astype(np.float16).astype(np.float32))
 
 
+@pytest.mark.torch
 def test_bfloat16_is_widened_exactly(tmp_path):
     import torch
     from safetensors.torch import save_file

@@ -21,7 +21,10 @@ STEPS = 4
 ATOL = 2e-3
 
 optimum_cli = shutil.which("optimum-cli", path=str(Path(sys.executable).parent))
-pytestmark = pytest.mark.skipif(optimum_cli is None, reason="optimum-cli not installed (bench extra)")
+pytestmark = [
+    pytest.mark.torch,
+    pytest.mark.skipif(optimum_cli is None, reason="optimum-cli not installed (bench extra)"),
+]
 
 
 def _ours(folder: Path, engine: str) -> np.ndarray:

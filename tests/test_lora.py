@@ -16,6 +16,9 @@ from sdlite.errors import InputError
 
 pytest.importorskip("peft")  # diffusers' LoRA loader, the reference, needs it
 
+# Every test here needs torch: sdlite.convert's LoRA fusion against diffusers' loader.
+pytestmark = pytest.mark.torch
+
 RANK = 4
 # Fused weights vs diffusers' fused weights: same float32 arithmetic, different summation order.
 ATOL = 1e-5

@@ -9,6 +9,9 @@ import torch
 from sdlite import Pipeline
 from sdlite.rng import NoiseGenerator
 
+# Every test here needs torch: diffusers' StableDiffusionPipeline is the reference.
+pytestmark = pytest.mark.torch
+
 # fp32 ONNX vs fp32 PyTorch: differences come only from kernel order (~1e-6 per op).
 DECODED_ATOL = 2e-3
 

@@ -18,6 +18,7 @@ SEEDS = [0, 1, 2**32 - 1, 2**63 - 1, 2**64 - 1]
 SHAPES = [(1,), (3,), (15,), (16,), (17,), (2, 3, 5), (1, 4, 8, 8), (1, 4, 9, 11), (2, 4, 64, 64)]
 
 
+# Tests that take this fixture are torch-marked; tests/test_golden.py checks stored torch.randn values without torch.
 @pytest.fixture(scope="module")
 def torch():
     return pytest.importorskip("torch")
@@ -26,6 +27,7 @@ def torch():
 # --- cpu ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("seed", SEEDS)
 def test_cpu_stream_equals_torch(torch, seed):
     """Every shape drawn twice in a row from one generator, as diffusers draws latents then step noise."""
@@ -39,12 +41,14 @@ def test_cpu_stream_equals_torch(torch, seed):
             assert np.array_equal(got, want), f"seed {seed}, shape {shape}, draw {draw}"
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("shape", SHAPES)
 def test_cpu_first_draw_equals_torch(torch, shape):
     want = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(12345)).numpy()
     assert np.array_equal(rng.randn(shape, 12345, "cpu"), want)
 
 
+@pytest.mark.torch
 def test_cpu_scalar_cache_crosses_calls(torch):
     """Below 16 values torch caches the second Box-Muller value in the generator; the block path leaves it."""
     shapes = [(3,), (17,), (1,), (0,), (5,), (2, 4, 64, 64), (1,), (1,), (31,), (7,)]
@@ -54,6 +58,7 @@ def test_cpu_scalar_cache_crosses_calls(torch):
         assert np.array_equal(ours.randn(shape), torch.randn(shape, generator=theirs).numpy()), shape
 
 
+@pytest.mark.torch
 def test_cpu_many_values(torch):
     """Enough values to meet the rare roundings (FMA double-rounding fix-ups) the kernel emulation handles."""
     want = torch.randn(300_001, generator=torch.Generator().manual_seed(3)).numpy()
@@ -147,6 +152,7 @@ def test_nv_a1111_documented_values():
 # --- registry ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.torch
 def test_sources_and_default(torch):
     assert set(rng.SOURCES) == {"cpu", "nv", "numpy"}
     assert rng.DEFAULT_SOURCE == "cpu"

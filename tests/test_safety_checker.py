@@ -20,6 +20,10 @@ from sdlite.cli import main
 from sdlite.engines import load_engine
 from sdlite.safety import ClipPreprocessing, check_images, load_preprocessing
 
+# Every test here needs torch: the tiny safety checker is built and converted with torch, and diffusers' checker
+# is the reference.
+pytestmark = pytest.mark.torch
+
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:

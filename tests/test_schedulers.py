@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scheduler_configs import SD15
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -18,25 +19,12 @@ from diffusers.schedulers import scheduling_euler_ancestral_discrete  # noqa: E4
 
 from sdlite import rng, schedulers  # noqa: E402
 
+# Every test here needs torch: diffusers' schedulers are the reference (torch-free: tests/test_golden.py).
+pytestmark = pytest.mark.torch
+
 RTOL = 1e-5
 SHAPE = (2, 4, 8, 8)
 
-# Stable Diffusion 1.5's scheduler_config.json.
-SD15 = {
-    "_class_name": "PNDMScheduler",
-    "_diffusers_version": "0.6.0",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-    "clip_sample": False,
-    "timestep_spacing": "leading",
-    "prediction_type": "epsilon",
-}
 
 CONFIGS = {
     "sd15": SD15,

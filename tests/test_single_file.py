@@ -17,6 +17,9 @@ from sdlite.convert.loading import load_checkpoint
 from sdlite.convert.single_file import detect_family
 from sdlite.errors import InputError
 
+# Every test here needs torch: sdlite.convert's single-file loading against diffusers.
+pytestmark = pytest.mark.torch
+
 _RESNET = {
     "norm1": "in_layers.0",
     "conv1": "in_layers.2",

@@ -12,6 +12,9 @@ import torch
 from sdlite.cli import main as sdlite_main
 from sdlite.convert.token_merging import bipartite_merge
 
+# Every test here needs torch: the exported merge against tomesd and diffusers' U-Net.
+pytestmark = pytest.mark.torch
+
 
 @pytest.mark.parametrize(
     ("height", "width", "ratio"),

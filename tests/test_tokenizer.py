@@ -12,6 +12,9 @@ from sdlite.tokenizer import CLIPTokenizer
 
 transformers = pytest.importorskip("transformers")
 
+# Every test here needs torch: transformers' tokenizer is the reference (torch-free: tests/test_golden.py).
+pytestmark = pytest.mark.torch
+
 ASTRONAUT = "a photograph of an astronaut riding a horse"
 ASTRONAUT_IDS = [49406, 320, 8853, 539, 550, 18376, 6765, 320, 4558, 49407]
 

@@ -13,6 +13,9 @@ from sdlite import Pipeline
 from sdlite.benchmarks.fidelity import psnr
 from sdlite.errors import InputError
 
+# Every test here needs torch: every precision converted from the tiny model; diffusers' images are the reference.
+pytestmark = pytest.mark.torch
+
 PROMPT = "a red circle on a blue background"
 SEED = 11
 STEPS = 4

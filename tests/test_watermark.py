@@ -24,6 +24,7 @@ def _natural(height: int, width: int, seed: int = 0) -> np.ndarray:
     return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
 
 
+# The invisible-watermark package, the reference, requires torch: the tests that call it are torch-marked.
 def _package_decode(rgb: np.ndarray) -> bytes:
     from imwatermark import WatermarkDecoder
 
@@ -43,6 +44,7 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(255**2 / np.mean((a.astype(np.float64) - b) ** 2)))
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize(
     "image",
     [
@@ -58,6 +60,7 @@ def test_dwtdct_method_equals_the_package_encoder(image):
     assert np.array_equal(ours, _package_encode(image))
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("shape", [(512, 512), (256, 256), (256, 384)])
 def test_robust_mark_is_read_by_the_package_decoder(shape):
     image = _natural(*shape)
@@ -74,6 +77,7 @@ def test_robust_mark_is_read_by_the_package_decoder(shape):
     assert read_watermark(package_marked) == _package_decode(package_marked)
 
 
+@pytest.mark.torch
 def test_unmarked_image_does_not_read_as_marked():
     assert _package_decode(_natural(256, 256)) != SD_WATERMARK
 
