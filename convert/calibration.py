@@ -1,6 +1,6 @@
 """Calibration data for int8 activations: the U-Net's real inputs while the model generates real prompts.
 
-Quantization ranges fitted to random noise misjudge the activations a U-Net sees in use (FINDINGS.md), so
+Quantization ranges fitted to random noise misjudge the activations a U-Net sees in use, so
 the converter runs the PyTorch pipeline on a few everyday prompts and records every U-Net call.
 """
 

@@ -1,4 +1,4 @@
-"""``sdlite convert``: a checkpoint in, a validated converted-model folder out (DESIGN.md layout)."""
+"""``sdlite convert``: a checkpoint in, a validated converted-model folder out (optimum's folder layout)."""
 
 from __future__ import annotations
 

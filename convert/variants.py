@@ -3,8 +3,8 @@
 Every variant starts from the same validated fp32 ONNX graph:
 - ONNX fp16: onnxruntime's float16 converter, inputs and outputs kept fp32 (for GPU execution providers).
 - ONNX int8: onnxruntime's dynamic quantization (int8 weights, activations quantized at run time).
-- OpenVINO IR fp32 / fp16: ``ov.convert_model`` on the ONNX file (seconds, against minutes from torch;
-  see FINDINGS.md), saved with or without fp16 weight compression.
+- OpenVINO IR fp32 / fp16: ``ov.convert_model`` on the ONNX file (seconds, against minutes from
+  torch: 4 s against 80 s for the SD 1.5 U-Net), saved with or without fp16 weight compression.
 - OpenVINO IR int8: NNCF weight compression (INT8_ASYM) of every MatMul/Conv weight.
 - OpenVINO IR w8a8 (U-Net only): NNCF post-training quantization of weights *and* activations, calibrated
   on U-Net inputs recorded while generating real prompts (optimum-intel's "hybrid" mode does the same);

@@ -46,15 +46,21 @@ def schedule_tail(scheduler: schedulers.Scheduler, steps: int, strength: float) 
     return tail
 
 
-def predicted_x0(scheduler: schedulers.Scheduler, model_input: np.ndarray, output: np.ndarray, t: float) -> np.ndarray:
-    """The clean latents the model's ``output`` implies at timestep ``t``.
+def training_sigmas(scheduler: schedulers.Scheduler) -> np.ndarray:
+    """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) of every training timestep of ``scheduler``."""
+    table = scheduler.alphas_cumprod
+    return ((1 - table) / table) ** 0.5
+
+
+def predicted_x0(
+    scheduler: schedulers.Scheduler, sigmas: np.ndarray, model_input: np.ndarray, output: np.ndarray, t: float
+) -> np.ndarray:
+    """The clean latents the model's ``output`` implies at timestep ``t``; ``sigmas`` from :func:`training_sigmas`.
 
     Every sampler feeds the model the variance-preserving sample x = sqrt(a) x0 + sqrt(1 - a) eps (Ho et al.
     2020, eq. 4), with a = alpha_bar(t) = 1 / (1 + sigma(t)^2) and sigma(t) interpolated from the training
     table as the sigma samplers do for fractional timesteps."""
-    table = scheduler.alphas_cumprod
-    sigmas = ((1 - table) / table) ** 0.5
-    sigma = float(np.interp(float(t), np.arange(len(table)), sigmas))
+    sigma = float(np.interp(float(t), np.arange(len(sigmas)), sigmas))
     a = 1.0 / (1.0 + sigma * sigma)
     prediction = getattr(scheduler, "prediction_type", "epsilon")
     if prediction == "epsilon":
@@ -125,6 +131,7 @@ def denoise(
     ``draw_noise`` gives the fresh noise a stochastic sampler adds at each evaluation; ``after_step(i, latents)``
     may change the latents after evaluation ``i`` (inpainting with a regular U-Net blends the kept area back)."""
     total = len(timesteps)
+    sigmas = training_sigmas(scheduler) if callback is not None else None
     for i, t in enumerate(tqdm(timesteps, desc="denoise", unit="step", disable=not progress)):
         output, scaled = denoiser(scheduler, latents, t)
         step_noise = draw_noise() if scheduler.stochastic else None
@@ -132,5 +139,5 @@ def denoise(
         if after_step is not None:
             latents = after_step(i, latents)
         if callback is not None:
-            callback(i, total, latents, predicted_x0(scheduler, scaled, output, t))
+            callback(i, total, latents, predicted_x0(scheduler, sigmas, scaled, output, t))
     return latents

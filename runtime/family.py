@@ -19,8 +19,6 @@ from sdlite.request import GenerationRequest
 class StableDiffusionFamily:
     """SD 1.x / 2.x: one CLIP text encoder, conditioning by cross-attention on its hidden states."""
 
-    parts = ("text_encoder",)
-
     def __init__(self, conditioner: TextConditioner, part: Callable[[str], Engine], done: Callable[[str], None]):
         self.conditioner = conditioner
         self._part = part

@@ -50,11 +50,9 @@ class PartObserver(Protocol):
 def graph_bytes(path: Path) -> int:
     """Bytes of a graph's files: the graph itself and its weights beside it (``.bin``, ``.onnx_data``)."""
     path = Path(path)
-    total = path.stat().st_size
-    for sibling in (path.with_suffix(".bin"), path.with_name(path.name + "_data"), path.with_suffix(".onnx_data")):
-        if sibling != path and sibling.exists():
-            total += sibling.stat().st_size
-    return total
+    # model.onnx keeps its external data in model.onnx_data, openvino_model.xml its weights in .bin.
+    files = {path, path.with_suffix(".bin"), path.with_suffix(".onnx_data")}
+    return sum(file.stat().st_size for file in files if file.exists())
 
 
 class _ObservedEngine:
@@ -119,6 +117,7 @@ class PartPool:
         self.budget_bytes = budget_bytes
         self._token_rows = dict(token_rows or {})
         self._paths: dict[str, Path] = {}
+        self._sizes: dict[str, int] = {}
         self._loaded: OrderedDict[str, _ObservedEngine] = OrderedDict()  # least recently used first
         self._in_use: set[str] = set()
         self.observers: list[PartObserver] = []
@@ -131,7 +130,9 @@ class PartPool:
 
     def resident_bytes(self, part: str) -> int:
         """Estimated memory ``part`` holds while loaded (see ``RESIDENT_PER_FILE_BYTE``)."""
-        return RESIDENT_PER_FILE_BYTE * graph_bytes(self.path(part))
+        if part not in self._sizes:
+            self._sizes[part] = RESIDENT_PER_FILE_BYTE * graph_bytes(self.path(part))
+        return self._sizes[part]
 
     def loaded(self) -> list[str]:
         """Names of the parts loaded now, least recently used first."""

@@ -27,7 +27,7 @@ from sdlite.infotext import format_infotext
 from sdlite.masks import check_not_empty, masked_region, outpaint_canvas, paste_back, prepare_mask
 from sdlite.model_folder import ModelFolder
 from sdlite.parts import PartPool
-from sdlite.request import GenerationRequest, check_size, check_strength, make_request
+from sdlite.request import GenerationRequest, check_size, check_strength, is_finite_number, make_request
 from sdlite.results import ImageArray, Images
 from sdlite.rng import A1111_RNG, DEFAULT_SOURCE, NoiseGenerator
 from sdlite.safety import ClipPreprocessing, check_images, load_preprocessing
@@ -119,7 +119,7 @@ class Pipeline:
         memory_budget: float | None = None,
     ):
         check_engine(engine)
-        if memory_budget is not None and not (isinstance(memory_budget, int | float) and memory_budget >= 0):
+        if memory_budget is not None and not (is_finite_number(memory_budget) and memory_budget >= 0):
             raise InputError(f"memory_budget {memory_budget!r}: must be a number of GiB, 0 or more")
         self.folder = folder
         self.engine_name = engine

@@ -60,11 +60,12 @@ def check_size(width: int, height: int) -> None:
 
 def check_strength(strength: float) -> None:
     """Strength is the fraction of the schedule that is re-run: (0, 1]."""
-    if not _is_real(strength) or not 0.0 < float(strength) <= 1.0:
+    if not is_finite_number(strength) or not 0.0 < float(strength) <= 1.0:
         raise InputError(f"strength {strength}: must be above 0 and at most 1")
 
 
-def _is_real(value: Any) -> bool:
+def is_finite_number(value: Any) -> bool:
+    """Whether ``value`` is a real, finite number (not a bool, NaN or infinity)."""
     return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(float(value))
 
 
@@ -104,7 +105,7 @@ def make_request(
     check_size(width, height)
     steps = _integer("steps", steps, 1, MAX_STEPS)
     batch = _integer("batch", batch, 1, MAX_BATCH)
-    if not _is_real(cfg_scale) or not 0.0 <= float(cfg_scale) <= MAX_CFG_SCALE:
+    if not is_finite_number(cfg_scale) or not 0.0 <= float(cfg_scale) <= MAX_CFG_SCALE:
         raise InputError(f"cfg_scale {cfg_scale!r}: must be a finite number from 0 to {MAX_CFG_SCALE:g}")
     if seed is None or (isinstance(seed, Integral) and not isinstance(seed, bool) and seed < 0):
         seed = int(np.random.default_rng().integers(0, 2**32))
