@@ -26,13 +26,13 @@ from sdlite.benchmarks.gemm import best_gflops, measure_in_subprocess
 from sdlite.benchmarks.hardware import default_threads, hardware
 from sdlite.benchmarks.runner import DEFAULT_PROMPT, Config, Job, Settings, run_in_subprocess
 from sdlite.errors import InputError, SdliteError
+from sdlite.layout import REQUIRED_PARTS
 
 # Targets (issue 4), printed as met / not met: defined on sd15-random at 512x512.
 TARGET_STEP_RATIO = 0.7
 TARGET_PEAK_BYTES = 1.5e9
 TARGET_MODEL, TARGET_SIZE = "sd15-random", (512, 512)
 LOW_MEMORY_CHOICES = {"off": (False,), "on": (True,), "both": (False, True)}
-COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -148,7 +148,7 @@ def skip_reason(config: Config, folder) -> str | None:
         return f"compute {config.compute} unknown (known: {', '.join(COMPUTE_HINTS)})"
     if config.engine == "onnx" and config.compute not in ("auto", "f32"):
         return "onnxruntime on CPU computes in f32 only"
-    for component in COMPONENTS:
+    for component in REQUIRED_PARTS:
         try:
             folder.graph(component, ENGINE_FORMATS[config.engine], config.precision)
         except InputError as exc:

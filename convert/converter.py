@@ -9,26 +9,31 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from sdlite.conditioning import FINAL_NORM_FILE
 from sdlite.convert.atomic import atomic_output_dir
 from sdlite.convert.attention import ATTENTION_VARIANTS, fuse_onnx_attention, set_attention
 from sdlite.convert.calibration import calibration_inputs
 from sdlite.convert.geglu import split_geglu
 from sdlite.convert.loading import load_checkpoint, quiet_diffusers
 from sdlite.convert.lora import LoraSpec, fuse_loras
-from sdlite.convert.onnx_export import export_onnx, files_of, save_onnx
+from sdlite.convert.onnx_export import export_onnx, save_onnx
 from sdlite.convert.parts import final_layer_norm, part_spec, trace_size, vae_scale_factor, validation_size
 from sdlite.convert.token_merging import MAX_RATIO
 from sdlite.convert.validate import ValidationError, reference_outputs, validate_graph
 from sdlite.convert.variants import FORMATS, PRECISIONS, derive
 from sdlite.errors import InputError
 from sdlite.hashing import sha256_file
-from sdlite.manifest import COMPONENTS, Manifest, Variant
-
-
-def _family(pipe) -> str:
-    # SD 2.x conditions on OpenCLIP ViT-H (1024 wide); SD 1.x on CLIP ViT-L (768) and toy models below.
-    return "sd2" if pipe.unet.config.cross_attention_dim == 1024 else "sd15"
+from sdlite.layout import (
+    CONFIG_NAME,
+    FINAL_NORM_FILE,
+    MODEL_INDEX,
+    PARTS,
+    SAFETY_CHECKER,
+    SCHEDULER_CONFIG,
+    TOKENIZER_DIR,
+    family_of,
+    graph_files,
+)
+from sdlite.manifest import Manifest, Variant
 
 
 def _check_choice(kind: str, requested: list[str], supported: tuple[str, ...]) -> None:
@@ -63,9 +68,9 @@ def _model_index(pipe, feature_extractor=None) -> dict:
 
 
 def _save_configs(pipe, folder: Path, loaded=None) -> None:
-    pipe.tokenizer.save_pretrained(folder / "tokenizer")
-    pipe.scheduler.save_pretrained(folder / "scheduler")
-    pipe.text_encoder.config.to_json_file(folder / "text_encoder" / "config.json")
+    pipe.tokenizer.save_pretrained(folder / TOKENIZER_DIR)
+    pipe.scheduler.save_pretrained(folder / SCHEDULER_CONFIG.parent)
+    pipe.text_encoder.config.to_json_file(folder / "text_encoder" / CONFIG_NAME)
     pipe.unet.save_config(folder / "unet")
     pipe.vae.save_config(folder / "vae_encoder")
     pipe.vae.save_config(folder / "vae_decoder")
@@ -73,8 +78,8 @@ def _save_configs(pipe, folder: Path, loaded=None) -> None:
     if feature_extractor is not None:
         # The runtime's preprocessing for the safety checker reads preprocessor_config.json (sdlite.safety).
         feature_extractor.save_pretrained(folder / "feature_extractor")
-        loaded.safety_checker.config.to_json_file(folder / "safety_checker" / "config.json")
-    (folder / "model_index.json").write_text(json.dumps(_model_index(pipe, feature_extractor), indent=2) + "\n")
+        loaded.safety_checker.config.to_json_file(folder / SAFETY_CHECKER / CONFIG_NAME)
+    (folder / MODEL_INDEX).write_text(json.dumps(_model_index(pipe, feature_extractor), indent=2) + "\n")
 
 
 def _variant_dir(root: Path, part: str, precision: str, precisions: list[str]) -> Path:
@@ -156,7 +161,7 @@ def convert(
     lora_records = fuse_loras(pipe, loras or [], allow_pickle=allow_pickle)
     factor = vae_scale_factor(pipe)
     manifest = Manifest(
-        family=_family(pipe),
+        family=family_of(pipe.unet.config.cross_attention_dim),
         name=loaded.name,
         prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
         vae_scaling_factor=float(pipe.vae.config.scaling_factor),
@@ -172,11 +177,11 @@ def convert(
         (fmt, precision) for precision in precisions for fmt in formats if not (fmt == "onnx" and precision == "w8a8")
     ]
     # Per part: the module it is exported from, its (format, precision) jobs, its precisions, its attention.
-    parts = {name: (pipe, jobs, precisions, attention) for name in COMPONENTS}
+    parts = {name: (pipe, jobs, precisions, attention) for name in PARTS}
     if loaded.safety_checker is not None:
         # The safety checker only decides whether to black an image out: it is exported in fp32 only, in
         # each format, so that a reduced precision can never flip its decision near a threshold.
-        parts["safety_checker"] = (loaded.safety_checker, [(fmt, "fp32") for fmt in formats], ["fp32"], "plain")
+        parts[SAFETY_CHECKER] = (loaded.safety_checker, [(fmt, "fp32") for fmt in formats], ["fp32"], "plain")
     failures = []
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         steps = sum(1 + len(part[1]) for part in parts.values())
@@ -210,7 +215,7 @@ def convert(
                 part_precision = "int8" if precision == "w8a8" and name != "unet" else precision
                 target_dir = _variant_dir(tmp, name, precision, part_precisions)
                 if fmt == "onnx" and precision == "fp32":
-                    files = files_of(base)
+                    files = graph_files(base)
                 else:
                     source_graph = base
                     if fmt == "openvino":

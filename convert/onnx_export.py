@@ -10,10 +10,10 @@ import onnx
 import torch
 
 from sdlite.convert.parts import OPSET, PartSpec
+from sdlite.layout import GRAPH_FILES, ONNX_EXTERNAL_DATA, graph_files
 
 # protobuf cannot hold more than 2 GB in one message: bigger graphs keep their weights in a side file.
 _PROTOBUF_LIMIT = 2**31 - 1
-EXTERNAL_DATA_NAME = "model.onnx_data"
 
 
 def export_onnx(spec: PartSpec, module: torch.nn.Module, dummy: dict[str, torch.Tensor], out_dir: Path) -> list[Path]:
@@ -41,15 +41,7 @@ def export_onnx(spec: PartSpec, module: torch.nn.Module, dummy: dict[str, torch.
             )
         # Re-save so that a big model has exactly one external-data file (the exporter writes one per
         # tensor), named as optimum names it.
-        return save_onnx(onnx.load(str(traced), load_external_data=True), out_dir / "model.onnx")
-
-
-def files_of(graph: Path) -> list[Path]:
-    """The graph file and the weight file(s) that belong to it."""
-    if graph.suffix == ".xml":
-        return [graph, graph.with_suffix(".bin")]
-    data = graph.parent / EXTERNAL_DATA_NAME
-    return [graph, data] if data.is_file() else [graph]
+        return save_onnx(onnx.load(str(traced), load_external_data=True), out_dir / GRAPH_FILES["onnx"])
 
 
 def save_onnx(model, target: Path) -> list[Path]:
@@ -61,9 +53,9 @@ def save_onnx(model, target: Path) -> list[Path]:
             str(target),
             save_as_external_data=True,
             all_tensors_to_one_file=True,
-            location=EXTERNAL_DATA_NAME,
+            location=ONNX_EXTERNAL_DATA,
             size_threshold=1024,
         )
     else:
         onnx.save_model(model, str(target))
-    return files_of(target)
+    return graph_files(target)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from sdlite.layout import vae_factor
+
 # Opset 17 has LayerNormalization as one op (fused by onnxruntime and OpenVINO); every runtime sdlite
 # targets (onnxruntime >= 1.14, OpenVINO >= 2023.0) supports it.
 OPSET = 17
@@ -121,7 +123,7 @@ def _checker_inputs(checker, size: ExportSize) -> dict[str, torch.Tensor]:
 
 def vae_scale_factor(pipe) -> int:
     """Pixels per latent cell (8 for every SD VAE)."""
-    return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return vae_factor(pipe.vae.config.block_out_channels)
 
 
 def _token_ids(pipe, size: ExportSize) -> dict[str, torch.Tensor]:
@@ -226,7 +228,7 @@ def part_spec(name: str, pipe) -> PartSpec:
 
 def final_layer_norm(pipe) -> dict[str, np.ndarray]:
     """The text encoder's final LayerNorm (weight, bias, eps), which clip skip applies to an earlier layer's
-    hidden state; the runtime reads it from ``sdlite.conditioning.FINAL_NORM_FILE`` next to the text encoder's graph."""
+    hidden state; the runtime reads it from ``sdlite.layout.FINAL_NORM_FILE`` next to the text encoder's graph."""
     norm = pipe.text_encoder.text_model.final_layer_norm
     return {
         "weight": norm.weight.detach().float().numpy(),

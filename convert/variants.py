@@ -16,11 +16,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from sdlite.convert.onnx_export import EXTERNAL_DATA_NAME, files_of, save_onnx
+from sdlite.convert.onnx_export import save_onnx
+from sdlite.layout import GRAPH_FILES, ONNX_EXTERNAL_DATA, graph_files
 
 FORMATS = ("onnx", "openvino")
 PRECISIONS = ("fp32", "fp16", "int8", "w8a8")
-GRAPH_NAMES = {"onnx": "model.onnx", "openvino": "openvino_model.xml"}
 
 
 def onnx_fp16(base: Path, out_dir: Path) -> list[Path]:
@@ -38,7 +38,7 @@ def onnx_fp16(base: Path, out_dir: Path) -> list[Path]:
     finally:
         inferred.unlink(missing_ok=True)
     model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
-    return save_onnx(model, out_dir / GRAPH_NAMES["onnx"])
+    return save_onnx(model, out_dir / GRAPH_FILES["onnx"])
 
 
 def onnx_int8(base: Path, out_dir: Path) -> list[Path]:
@@ -46,14 +46,14 @@ def onnx_int8(base: Path, out_dir: Path) -> list[Path]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / GRAPH_NAMES["onnx"]
+    target = out_dir / GRAPH_FILES["onnx"]
     quantize_dynamic(
         str(base),
         str(target),
         weight_type=QuantType.QInt8,
-        use_external_data_format=base.with_name(EXTERNAL_DATA_NAME).is_file(),
+        use_external_data_format=base.with_name(ONNX_EXTERNAL_DATA).is_file(),
     )
-    return files_of(target)
+    return graph_files(target)
 
 
 def openvino_ir(base, out_dir: Path, precision: str, calibration: Sequence[dict] | None = None) -> list[Path]:
@@ -87,9 +87,9 @@ def openvino_ir(base, out_dir: Path, precision: str, calibration: Sequence[dict]
             model_type=nncf.ModelType.TRANSFORMER,
             fast_bias_correction=True,
         )
-    target = out_dir / GRAPH_NAMES["openvino"]
+    target = out_dir / GRAPH_FILES["openvino"]
     ov.save_model(model, str(target), compress_to_fp16=precision == "fp16")
-    return files_of(target)
+    return graph_files(target)
 
 
 def derive(fmt: str, precision: str, base, out_dir: Path, calibration: Sequence[dict] | None = None) -> list[Path]:

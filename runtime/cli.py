@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from sdlite.errors import InputError, SdliteError
+from sdlite.layout import MODEL_INDEX
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,7 +36,7 @@ def _default_model() -> Path:
     from sdlite.models import default_model_path
 
     path = default_model_path()
-    if not (path / "model_index.json").is_file():
+    if not (path / MODEL_INDEX).is_file():
         raise InputError("no model given and no default model is packaged; pass -m MODEL_FOLDER")
     return path
 

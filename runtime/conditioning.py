@@ -25,13 +25,13 @@ import numpy as np
 
 from sdlite.embeddings import Embedding, EmbeddingLibrary
 from sdlite.errors import InputError
+from sdlite.layout import FINAL_NORM_FILE
 from sdlite.prompts import Chunk, prompt_chunks
+from sdlite.token_table import TokenRows
 from sdlite.tokenizer import CLIPTokenizer
 
-__all__ = ["FINAL_NORM_FILE", "TextConditioner", "apply_emphasis", "check_clip_skip", "layer_norm"]
+__all__ = ["TextConditioner", "apply_emphasis", "check_clip_skip", "layer_norm"]
 
-# Written by ``sdlite convert`` next to each text encoder graph: arrays weight, bias and eps.
-FINAL_NORM_FILE = "final_layer_norm.npz"
 _HIDDEN_PREFIX = "hidden_states."
 
 
@@ -90,6 +90,15 @@ class TextConditioner:
             chunk_tokens=tok.model_max_length - 2,
             embedding_at=embedding_at if library is not None else None,
         )
+
+    @property
+    def graph_edit(self) -> TokenRows | None:
+        """What the text encoder's loaded graph needs for the prompts to use the embeddings: their vectors as
+        new rows of its token table (``sdlite.token_table``); None without embeddings."""
+        if self.embeddings is None:
+            return None
+        rows = self.embeddings.rows
+        return TokenRows(self.embeddings.first_id, rows) if rows.size else None
 
     def embeddings_used(self, prompts: list[str]) -> dict[str, Embedding]:
         """The textual-inversion embeddings ``prompts`` name, by the name written, in order of appearance."""

@@ -11,9 +11,9 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-MANIFEST_NAME = "sdlite.json"
+from sdlite.layout import MANIFEST_NAME
+
 FORMAT_VERSION = 1
-COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 
 
 @dataclass

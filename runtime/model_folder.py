@@ -7,12 +7,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdlite.errors import InputError
-from sdlite.manifest import MANIFEST_NAME, Manifest, Variant
-
-REQUIRED = ("text_encoder", "unet", "vae_decoder")
-GRAPH_FILES = {"onnx": "model.onnx", "openvino": "openvino_model.xml"}
-# SD's VAE latents are scaled to unit variance by this factor (Rombach et al. 2022, sec. 4.3.2).
-DEFAULT_VAE_SCALING = 0.18215
+from sdlite.layout import (
+    CONFIG_NAME,
+    DEFAULT_VAE_SCALING,
+    GRAPH_FILES,
+    LATENT_CHANNELS,
+    MANIFEST_NAME,
+    MODEL_INDEX,
+    PARTS,
+    SAFETY_CHECKER,
+    SCHEDULER_CONFIG,
+    TOKENIZER_DIR,
+    family_of,
+    vae_factor,
+)
+from sdlite.manifest import Manifest, Variant
 
 
 def _read_json(path: Path) -> dict:
@@ -24,25 +33,28 @@ def _read_json(path: Path) -> dict:
         raise InputError(f"{path}: not valid JSON ({exc})") from None
 
 
+def _part_config(folder: Path, part: str) -> dict:
+    """A part's ``config.json`` ({} when the folder has none)."""
+    path = folder / part / CONFIG_NAME
+    return _read_json(path) if path.is_file() else {}
+
+
 def _infer_manifest(folder: Path) -> Manifest:
     """Describe a folder without ``sdlite.json`` (e.g. from ``optimum-cli export``) from its files."""
     components: dict[str, list[Variant]] = {}
     # safety_checker/model.onnx: diffusers' ONNX conversion script writes one (same inputs as sdlite's).
-    for component in ("text_encoder", "unet", "vae_encoder", "vae_decoder", "safety_checker"):
+    for component in (*PARTS, SAFETY_CHECKER):
         for fmt, graph in GRAPH_FILES.items():
             if (folder / component / graph).is_file():
                 components.setdefault(component, []).append(
                     Variant(format=fmt, precision="fp32", attention="plain", files={f"{component}/{graph}": ""})
                 )
-    vae_config = folder / "vae_decoder" / "config.json"
-    vae = _read_json(vae_config) if vae_config.is_file() else {}
-    unet_config = folder / "unet" / "config.json"
-    unet = _read_json(unet_config) if unet_config.is_file() else {}
-    scale = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
-    side = int(unet.get("sample_size", 64)) * scale
-    scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
+    vae = _part_config(folder, "vae_decoder")
+    unet = _part_config(folder, "unet")
+    side = int(unet.get("sample_size", 64)) * vae_factor(vae.get("block_out_channels", [0] * 4))
+    scheduler = _read_json(folder / SCHEDULER_CONFIG)
     return Manifest(
-        family="sd2" if unet.get("cross_attention_dim") == 1024 else "sd15",
+        family=family_of(unet.get("cross_attention_dim")),
         name=folder.resolve().name,
         prediction_type=scheduler.get("prediction_type", "epsilon"),
         vae_scaling_factor=float(vae.get("scaling_factor", DEFAULT_VAE_SCALING)),
@@ -65,8 +77,8 @@ class ModelFolder:
         folder = Path(path)
         if not folder.is_dir():
             raise InputError(f"{folder}: model folder not found (convert a checkpoint with `sdlite convert`)")
-        if not (folder / "model_index.json").is_file():
-            raise InputError(f"{folder}: not a converted model folder (no model_index.json)")
+        if not (folder / MODEL_INDEX).is_file():
+            raise InputError(f"{folder}: not a converted model folder (no {MODEL_INDEX})")
         manifest_path = folder / MANIFEST_NAME
         if manifest_path.is_file():
             try:
@@ -75,9 +87,9 @@ class ModelFolder:
                 raise InputError(f"{manifest_path}: malformed manifest ({exc})") from None
         else:
             manifest = _infer_manifest(folder)
-        scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json")
-        if not (folder / "tokenizer").is_dir():
-            raise InputError(f"{folder / 'tokenizer'}: missing (the model folder has no tokenizer)")
+        scheduler_config = _read_json(folder / SCHEDULER_CONFIG)
+        if not (folder / TOKENIZER_DIR).is_dir():
+            raise InputError(f"{folder / TOKENIZER_DIR}: missing (the model folder has no tokenizer)")
         return cls(folder, manifest, scheduler_config)
 
     def variants(self, component: str) -> list[Variant]:
@@ -109,16 +121,14 @@ class ModelFolder:
     @property
     def unet_in_channels(self) -> int:
         """Channels the U-Net takes: 4, or 9 for inpainting models (latents + mask + masked image)."""
-        config = self.path / "unet" / "config.json"
-        return int(_read_json(config).get("in_channels", 4)) if config.is_file() else 4
+        return int(_part_config(self.path, "unet").get("in_channels", LATENT_CHANNELS))
 
     @property
     def text_width(self) -> int | None:
         """The width of the text encoder's token vectors (768 for SD 1.x, 1024 for SD 2.x), from its config
         (or the U-Net's cross-attention width, which equals it); None when neither file says."""
-        for config, key in (("text_encoder", "hidden_size"), ("unet", "cross_attention_dim")):
-            path = self.path / config / "config.json"
-            value = _read_json(path).get(key) if path.is_file() else None
+        for part, key in (("text_encoder", "hidden_size"), ("unet", "cross_attention_dim")):
+            value = _part_config(self.path, part).get(key)
             if isinstance(value, int):
                 return value
         return None
@@ -126,7 +136,12 @@ class ModelFolder:
     @property
     def tokenizer_dir(self) -> Path:
         """The tokenizer folder (vocab.json, merges.txt, ...)."""
-        return self.path / "tokenizer"
+        return self.path / TOKENIZER_DIR
+
+    @property
+    def latent_factor(self) -> int:
+        """Pixels per latent cell along each side, from the VAE's config (8 when the folder does not say)."""
+        return vae_factor(_part_config(self.path, "vae_decoder").get("block_out_channels", [0] * 4))
 
     @property
     def model_hash(self) -> str | None:

@@ -21,8 +21,8 @@ from typing import Protocol
 
 import numpy as np
 
-from sdlite.engines import Engine, load_engine
-from sdlite.engines.token_table import TokenRows
+from sdlite.engines import Engine, GraphEdit, load_engine
+from sdlite.layout import graph_files
 
 # Resident bytes per byte of graph files: OpenVINO keeps the mapped weights file and its own repacked copy, so
 # about two; onnxruntime holds its arena and initializers about once but pays for activations. Two is the
@@ -49,10 +49,7 @@ class PartObserver(Protocol):
 
 def graph_bytes(path: Path) -> int:
     """Bytes of a graph's files: the graph itself and its weights beside it (``.bin``, ``.onnx_data``)."""
-    path = Path(path)
-    # model.onnx keeps its external data in model.onnx_data, openvino_model.xml its weights in .bin.
-    files = {path, path.with_suffix(".bin"), path.with_suffix(".onnx_data")}
-    return sum(file.stat().st_size for file in files if file.exists())
+    return sum(file.stat().st_size for file in graph_files(path))
 
 
 class _ObservedEngine:
@@ -96,8 +93,8 @@ class PartPool:
     observers.
 
     ``graph(name)`` resolves a part's graph file; ``budget_bytes`` None keeps every loaded part resident until
-    :meth:`release`, 0 releases each part as soon as it is done. ``token_rows`` maps a part name to extra
-    token-embedding rows for its loaded copy (textual inversion in the text encoder)."""
+    :meth:`release`, 0 releases each part as soon as it is done. ``edits`` maps a part name to an edit of its
+    loaded graph (textual inversion's token rows for the text encoder)."""
 
     def __init__(
         self,
@@ -107,7 +104,7 @@ class PartPool:
         threads: int | None = None,
         compute: str = "auto",
         budget_bytes: int | None = None,
-        token_rows: Mapping[str, TokenRows] | None = None,
+        edits: Mapping[str, GraphEdit] | None = None,
     ):
         self._graph = graph
         self.engine_name = engine
@@ -115,7 +112,7 @@ class PartPool:
         self.threads = threads
         self.compute = compute
         self.budget_bytes = budget_bytes
-        self._token_rows = dict(token_rows or {})
+        self._edits = dict(edits or {})
         self._paths: dict[str, Path] = {}
         self._sizes: dict[str, int] = {}
         self._loaded: OrderedDict[str, _ObservedEngine] = OrderedDict()  # least recently used first
@@ -151,7 +148,7 @@ class PartPool:
             compute = "f32" if part in F32_PARTS else self.compute
             with self.observe(part, "load"):
                 engine = load_engine(
-                    self.path(part), self.engine_name, self.device, self.threads, compute, self._token_rows.get(part)
+                    self.path(part), self.engine_name, self.device, self.threads, compute, self._edits.get(part)
                 )
             self._loaded[part] = _ObservedEngine(self, part, engine)
         self._in_use.add(part)

@@ -13,27 +13,24 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sdlite import __version__, schedulers
+from sdlite import schedulers
 from sdlite.conditioning import TextConditioner
 from sdlite.denoiser import Denoiser, StepCallback, denoise, schedule_tail
 from sdlite.embeddings import EmbeddingLibrary, ti_hashes
 from sdlite.engines import ENGINE_FORMATS, check_engine
-from sdlite.engines.token_table import TokenRows
 from sdlite.errors import InputError
 from sdlite.family import StableDiffusionFamily
-from sdlite.hashing import short_hash
+from sdlite.finishing import Finisher, ModelFacts, SafetyChecker
 from sdlite.images import resize_to, to_pil, to_pixels, to_unit, working_size
-from sdlite.infotext import format_infotext
+from sdlite.layout import REQUIRED_PARTS, SAFETY_CHECKER
 from sdlite.masks import check_not_empty, masked_region, outpaint_canvas, paste_back, prepare_mask
 from sdlite.model_folder import ModelFolder
 from sdlite.parts import PartPool
 from sdlite.request import GenerationRequest, check_size, check_strength, is_finite_number, make_request
-from sdlite.results import ImageArray, Images
-from sdlite.rng import A1111_RNG, DEFAULT_SOURCE, NoiseGenerator
-from sdlite.safety import ClipPreprocessing, check_images, load_preprocessing
+from sdlite.rng import DEFAULT_SOURCE, NoiseGenerator
+from sdlite.safety import load_preprocessing
 from sdlite.tokenizer import CLIPTokenizer
 from sdlite.vae import LatentCodec, Vae
-from sdlite.watermark import check_watermark_size, encode_watermark
 
 __all__ = ["GenerationRequest", "Pipeline", "check_size", "check_strength"]
 
@@ -134,45 +131,56 @@ class Pipeline:
         self.token_merging = folder.variant("unet", formats, precision).token_merging
         # The checkpoint's safety checker runs by default when the folder has one (fp32 only, in the format
         # the engine prefers); safety_checker=False never loads it.
-        self.safety_checker = safety_checker and bool(folder.variants("safety_checker"))
-        self._safety_preprocessing: ClipPreprocessing | None = None
-        if self.safety_checker:
-            self._safety_preprocessing = load_preprocessing(folder.path)
+        self.safety_checker = safety_checker and bool(folder.variants(SAFETY_CHECKER))
         self.embeddings = (
             EmbeddingLibrary.load(embeddings, self.tokenizer.tokenize, self.tokenizer.vocab_size, folder.text_width)
             if embeddings is not None
             else None
         )
-        # Textual-inversion vectors become new rows of the text encoder's token table in the loaded copy.
-        rows = self.embeddings.rows if self.embeddings is not None else None
-        token_rows = {}
-        if rows is not None and rows.size:
-            token_rows["text_encoder"] = TokenRows(self.embeddings.first_id, rows)
+
+        def graph(name: str) -> Path:
+            return folder.graph(name, formats, None if name == SAFETY_CHECKER else precision)
+
+        conditioner = TextConditioner(self.tokenizer, graph("text_encoder"), self.embeddings)
+        edit = conditioner.graph_edit
         budget = 0 if self.low_memory else None if memory_budget is None else int(memory_budget * (1 << 30))
         self.parts = PartPool(
-            lambda name: folder.graph(name, formats, None if name == "safety_checker" else precision),
+            graph,
             engine,
             device,
             threads,
             compute,
             budget_bytes=budget,
-            token_rows=token_rows,
+            edits={"text_encoder": edit} if edit is not None else None,
         )
         # Resolve every graph now, so a missing part or precision fails before any work.
-        resident = ["text_encoder", "unet", "vae_decoder", *(["safety_checker"] if self.safety_checker else [])]
+        resident = [*REQUIRED_PARTS, *([SAFETY_CHECKER] if self.safety_checker else [])]
         for name in resident:
             self.parts.path(name)
-        self.family = StableDiffusionFamily(
-            TextConditioner(self.tokenizer, self.parts.path("text_encoder"), self.embeddings),
-            self.parts.get,
-            self.parts.done,
-        )
+        self.family = StableDiffusionFamily(conditioner, self.parts.get, self.parts.done)
         self.vae: LatentCodec = Vae(
             self.parts.get,
             folder.manifest.vae_scaling_factor,
             tiling=vae_tiling,
             budget_bytes=LOW_MEMORY_VAE_BUDGET if self.low_memory else None,
+            factor=folder.latent_factor,
         )
+        safety = None
+        if self.safety_checker:
+            safety = SafetyChecker(
+                lambda: self.parts.get(SAFETY_CHECKER),
+                lambda: self.parts.done(SAFETY_CHECKER),
+                load_preprocessing(folder.path),
+            )
+        facts = ModelFacts(
+            name=folder.manifest.name,
+            model_hash=folder.model_hash,
+            lora_hashes=folder.manifest.lora_hashes(),
+            token_merging=self.token_merging,
+            engine=engine,
+            compute=self.compute_precision,
+        )
+        self.finisher = Finisher(facts, safety)
         if budget is None:
             for name in resident:
                 self.parts.get(name)
@@ -301,7 +309,7 @@ class Pipeline:
             clip_skip,
             watermark,
         )
-        self._check_output(request, (request.width, request.height))
+        self.finisher.check_request(request, (request.width, request.height))
         images = self._generate(request, Init(latents=latents), progress, callback)
         return self._finish(images, request, {}, output_type)
 
@@ -324,7 +332,7 @@ class Pipeline:
         check_strength(strength)
         size = (options.pop("width", None), options.pop("height", None))
         request = self._check(prompt, **options, **_size_or(size, working_size(image, resize)))
-        self._check_output(request, (request.width, request.height))
+        self.finisher.check_request(request, (request.width, request.height))
         init = Init(pixels=to_pixels(resize_to(image, (request.width, request.height), resize)), strength=strength)
         images = self._generate(request, init, progress, callback)
         return self._finish(images, request, {"Denoising strength": strength}, output_type)
@@ -363,7 +371,7 @@ class Pipeline:
         if only_masked:
             work = _size_or(size, self.default_size)
             request = self._check(prompt, **options, **work)
-            self._check_output(request, image.size)
+            self.finisher.check_request(request, image.size)
             region = masked_region(soft, padding, request.width / request.height)
             crop = image.crop((region.left, region.top, region.right, region.bottom))
             crop_mask = Image.fromarray((soft * 255).round().astype(np.uint8)).crop(
@@ -379,7 +387,7 @@ class Pipeline:
         else:
             request = self._check(prompt, **options, **_size_or(size, working_size(image, resize)))
             target = (request.width, request.height)
-            self._check_output(request, target)
+            self.finisher.check_request(request, target)
             mask_image = Image.fromarray((soft * 255).round().astype(np.uint8))
             full = self._inpaint_pixels(request, image, mask_image, strength, resize, progress, callback)
             if target != image.size:
@@ -526,11 +534,6 @@ class Pipeline:
         self.parts.done("vae_decoder")
         return images
 
-    def _check_output(self, request: GenerationRequest, size: tuple[int, int]) -> None:
-        """Fail before any work when the finished images (``size`` = W, H) could not take what was asked."""
-        if request.watermark:
-            check_watermark_size(*size)
-
     def _finish(
         self,
         images: np.ndarray,
@@ -539,57 +542,9 @@ class Pipeline:
         output_type: str,
         size: str | None = None,
     ) -> list[Image.Image] | np.ndarray:
-        """Decoded images (N, H, W, 3) in 0..1 -> what the caller gets: checked by the safety checker (flagged
-        images blacked out), watermarked when asked (on the 8-bit image, after the check, as the original SD
-        scripts did), then PIL images with their infotext or, for ``output_type="np"``, the float array; both
-        carry the flags as ``nsfw_content_detected``."""
-        flags = None
-        if self.safety_checker:
-            images, flags = check_images(images, lambda: self.parts.get("safety_checker"), self._safety_preprocessing)
-            self.parts.done("safety_checker")
-        if request.watermark:
-            pixels = [encode_watermark(np.asarray(image)) for image in to_pil(images)]
-            images = np.stack(pixels).astype(np.float32) / 255.0
-        if output_type == "np":
-            return ImageArray.of(images, flags)
-        return Images(self._with_infotext(images, request, extra, size), flags)
-
-    def _with_infotext(
-        self, images: np.ndarray, request: GenerationRequest, extra: dict[str, object], size: str | None = None
-    ) -> list[Image.Image]:
-        manifest = self.folder.manifest
-        model_hash = self.folder.model_hash
-        # Everything but the seed is the same for every image of the batch: built (and hashed) once.
-        fields = {
-            "Steps": request.steps,
-            # Both forms: "Sampler: DPM++ 2M Karras" (old readers) and "Schedule type" (A1111 1.9+).
-            **schedulers.infotext_fields(request.sampler, request.schedule),
-            "CFG scale": request.cfg_scale,
-            "Seed": request.seed,
-            "Size": size or f"{request.width}x{request.height}",
-            "Model hash": short_hash(model_hash) if model_hash else None,
-            "Model": manifest.name,
-            # A1111 writes the hashes of the LoRAs it applied; here they were fused at conversion.
-            "Lora hashes": manifest.lora_hashes(),
-            # The embeddings the prompt or negative prompt named, as A1111 records them.
-            "TI hashes": ti_hashes(self.family.embeddings_used(request)),
-            **extra,
-            "Token merging ratio": self.token_merging or None,
-            # A1111 writes the key only when the setting is off its default.
-            "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
-            # A1111 writes no RNG key for its GPU default; sdlite's numpy source has no A1111 name.
-            "RNG": A1111_RNG.get(request.seed_source, request.seed_source),
-            "Engine": self.engine_name,
-            "Compute": self.compute_precision,
-            "Version": f"sdlite {__version__}",
-        }
-        result = to_pil(images)
-        for i, image in enumerate(result):
-            # Replacing an existing key keeps its place in the infotext.
-            image.info["parameters"] = format_infotext(
-                request.prompt, request.negative_prompt, {**fields, "Seed": request.seed + i}
-            )
-        return result
+        """The finishing step (``sdlite.finishing``) with the embeddings the request's prompts named."""
+        embeddings = ti_hashes(self.family.embeddings_used(request))
+        return self.finisher.finish(images, request, extra, output_type, embeddings, size)
 
     def release(self) -> None:
         """Free every loaded part."""

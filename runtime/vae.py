@@ -10,10 +10,10 @@ import numpy as np
 
 from sdlite.engines import Engine
 from sdlite.errors import InputError
+from sdlite.layout import LATENT_CHANNELS
 from sdlite.tiling import run_tiled
 
 TILING_MODES = ("auto", "on", "off")
-LATENT_FACTOR = 8
 # Decoder working set per output pixel, measured on SD 1.5's VAE with onnxruntime (3.46 GB for one
 # 1024x1024 decode; benchmarks/vae_tiling.py):
 # the last up-block holds several 128-channel fp32 maps at full resolution.
@@ -63,6 +63,8 @@ class Vae:
         budget_bytes: int | None = None,
         tile_latent: int = 32,
         overlap_latent: int = 8,
+        channels: int = LATENT_CHANNELS,
+        factor: int = 8,
     ):
         if tiling not in TILING_MODES:
             raise InputError(f"--vae-tiling {tiling}: unknown; known: {', '.join(TILING_MODES)}")
@@ -70,8 +72,8 @@ class Vae:
             raise InputError(f"VAE tile overlap {overlap_latent} must be below the tile size {tile_latent}")
         self._engine = engine
         self.scaling_factor = scaling_factor
-        self.channels = 4
-        self.factor = LATENT_FACTOR
+        self.channels = channels
+        self.factor = factor
         self.tiling = tiling
         self.budget_bytes = budget_bytes if budget_bytes is not None else available_memory() // 2
         self.tile_latent = tile_latent
@@ -83,7 +85,7 @@ class Vae:
             return False
         if self.tiling == "on":
             return True
-        pixels = latent_height * latent_width * LATENT_FACTOR**2
+        pixels = latent_height * latent_width * self.factor**2
         return pixels * DECODER_BYTES_PER_PIXEL > self.budget_bytes
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
@@ -98,7 +100,7 @@ class Vae:
         for i in range(len(latents)):
             scaled = (latents[i : i + 1] / self.scaling_factor).astype(np.float32)
             if tiled:
-                images.append(run_tiled(scaled, run, self.tile_latent, self.overlap_latent, LATENT_FACTOR))
+                images.append(run_tiled(scaled, run, self.tile_latent, self.overlap_latent, self.factor))
             else:
                 images.append(run(scaled))
         image = np.concatenate(images)
@@ -111,13 +113,13 @@ class Vae:
         def run(x: np.ndarray) -> np.ndarray:
             return encoder.run({"sample": x})["latent_parameters"].astype(np.float32)
 
-        tiled = self.uses_tiles(pixels.shape[-2] // LATENT_FACTOR, pixels.shape[-1] // LATENT_FACTOR)
+        tiled = self.uses_tiles(pixels.shape[-2] // self.factor, pixels.shape[-1] // self.factor)
         params = []
         for i in range(len(pixels)):
             image = pixels[i : i + 1].astype(np.float32)
             if tiled:
-                tile, overlap = self.tile_latent * LATENT_FACTOR, self.overlap_latent * LATENT_FACTOR
-                params.append(run_tiled(image, run, tile, overlap, 1 / LATENT_FACTOR))
+                tile, overlap = self.tile_latent * self.factor, self.overlap_latent * self.factor
+                params.append(run_tiled(image, run, tile, overlap, 1 / self.factor))
             else:
                 params.append(run(image))
         mean, logvar = np.split(np.concatenate(params), 2, axis=1)

@@ -12,7 +12,7 @@ import onnx
 import pytest
 
 from sdlite.cli import main
-from sdlite.manifest import COMPONENTS
+from sdlite.layout import PARTS as COMPONENTS
 
 # Every test here needs torch: sdlite.convert on the tiny model.
 pytestmark = pytest.mark.torch

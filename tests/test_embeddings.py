@@ -295,7 +295,7 @@ def test_every_precision_extends_its_token_table(text_model_dir, text_encoder_va
 
     from sdlite.convert.validate import RELATIVE_RMS_BOUND
     from sdlite.engines import load_engine
-    from sdlite.engines.token_table import TokenRows
+    from sdlite.token_table import TokenRows
     from sdlite.tokenizer import CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_folder(text_model_dir[1] / "tokenizer")
@@ -310,7 +310,7 @@ def test_every_precision_extends_its_token_table(text_model_dir, text_encoder_va
     random[0, 2:4] = [first + 3, first + 4]
 
     def hidden(graph, ids, token_rows=None):
-        run = load_engine(graph, engine, compute="f32", token_rows=token_rows).run({"input_ids": ids})
+        run = load_engine(graph, engine, compute="f32", edit=token_rows).run({"input_ids": ids})
         return run["last_hidden_state"]
 
     graph = text_encoder_variants[(fmt, precision)]
@@ -337,7 +337,7 @@ def test_extended_onnx_is_a_valid_graph(text_model_dir, text_encoder_variants):
     float table and for an int8 table dequantized after the lookup."""
     import onnx
 
-    from sdlite.engines.token_table import TokenRows, extend_onnx_token_table
+    from sdlite.token_table import TokenRows, extend_onnx_token_table
     from sdlite.tokenizer import CLIPTokenizer
 
     first = CLIPTokenizer.from_folder(text_model_dir[1] / "tokenizer").vocab_size

@@ -182,7 +182,7 @@ def test_exports_equal_the_folder_exports(tiny_single_file, tiny_onnx, tmp_path)
     """sdlite convert on the single file: every ONNX part computes what the folder's export computes."""
     import onnxruntime as ort
 
-    from sdlite.manifest import COMPONENTS
+    from sdlite.layout import PARTS as COMPONENTS
 
     out = tmp_path / "from-file"
     assert main(["convert", str(tiny_single_file), str(out), "--quiet"]) == 0

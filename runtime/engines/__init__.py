@@ -7,7 +7,6 @@ from typing import Protocol
 
 import numpy as np
 
-from sdlite.engines.token_table import TokenRows
 from sdlite.errors import InputError
 
 ENGINES = ("onnx", "openvino")
@@ -15,6 +14,17 @@ ENGINES = ("onnx", "openvino")
 ENGINE_FORMATS = {"onnx": ("onnx",), "openvino": ("openvino", "onnx")}
 # Arithmetic precisions a caller may ask for; "auto" is the device's default (bf16 on CPUs that have it).
 COMPUTE_PRECISIONS = ("auto", "f32", "bf16", "f16")
+
+
+class GraphEdit(Protocol):
+    """A change to the loaded copy of a graph, never to its file (textual inversion adds token-table rows to the
+    text encoder, ``sdlite.token_table``). An engine applies it to the graph it reads, before compiling."""
+
+    def edit_onnx(self, model: bytes, path: Path) -> bytes:
+        """The serialized ONNX graph read from ``path``, edited."""
+
+    def edit_openvino(self, model, path: Path) -> None:
+        """Edit the ``openvino.Model`` read from ``path`` in place."""
 
 
 class Engine(Protocol):
@@ -41,18 +51,17 @@ def load_engine(
     device: str = "CPU",
     threads: int | None = None,
     compute: str = "auto",
-    token_rows: TokenRows | None = None,
+    edit: GraphEdit | None = None,
 ) -> Engine:
-    """Load the graph at ``path`` in ``engine`` on ``device``, computing in ``compute`` precision.
-    ``token_rows`` (text encoders only) are appended to the token-embedding table of the loaded copy of
-    the graph (textual inversion; ``sdlite.engines.token_table``)."""
+    """Load the graph at ``path`` in ``engine`` on ``device``, computing in ``compute`` precision, with ``edit``
+    applied to the loaded copy of the graph when given."""
     check_engine(engine)
     if engine == "onnx":
         from sdlite.engines.onnxruntime import OnnxRuntimeEngine
 
         if compute not in ("auto", "f32"):
             raise InputError(f"--compute {compute}: onnxruntime on CPU computes in f32; use --engine openvino")
-        return OnnxRuntimeEngine(path, device=device, threads=threads, token_rows=token_rows)
+        return OnnxRuntimeEngine(path, device=device, threads=threads, edit=edit)
     from sdlite.engines.openvino import OpenVinoEngine
 
-    return OpenVinoEngine(path, device=device, threads=threads, compute=compute, token_rows=token_rows)
+    return OpenVinoEngine(path, device=device, threads=threads, compute=compute, edit=edit)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from sdlite.engines.token_table import TokenRows, extend_onnx_token_table
+from sdlite.engines import GraphEdit
 from sdlite.errors import InputError, summarize
 
 _DTYPES = {
@@ -36,9 +36,7 @@ def _providers(device: str) -> list[str]:
 class OnnxRuntimeEngine:
     """One ONNX graph in an onnxruntime session."""
 
-    def __init__(
-        self, path: Path, device: str = "CPU", threads: int | None = None, token_rows: TokenRows | None = None
-    ):
+    def __init__(self, path: Path, device: str = "CPU", threads: int | None = None, edit: GraphEdit | None = None):
         if not path.is_file():
             raise InputError(f"{path}: missing ONNX file (the model folder is incomplete; convert again)")
         options = ort.SessionOptions()
@@ -46,8 +44,8 @@ class OnnxRuntimeEngine:
         if threads:
             options.intra_op_num_threads = threads
         model: str | bytes = str(path)
-        if token_rows is not None:
-            model = extend_onnx_token_table(path.read_bytes(), token_rows, path)
+        if edit is not None:
+            model = edit.edit_onnx(path.read_bytes(), path)
             # A graph given as bytes has no folder of its own to resolve external weight files against.
             options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
         try:

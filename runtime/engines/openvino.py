@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 
-from sdlite.engines import COMPUTE_PRECISIONS
+from sdlite.engines import COMPUTE_PRECISIONS, GraphEdit
 from sdlite.engines.mapped_pages import ReleasedWhileRunning
-from sdlite.engines.token_table import TokenRows, extend_openvino_token_table
 from sdlite.errors import InputError, summarize
 
 # sdlite's compute names -> OpenVINO's inference precision hint; "auto" keeps the plugin's choice
@@ -62,7 +61,7 @@ class OpenVinoEngine:
         device: str = "CPU",
         threads: int | None = None,
         compute: str = "auto",
-        token_rows: TokenRows | None = None,
+        edit: GraphEdit | None = None,
     ):
         if not path.is_file():
             raise InputError(f"{path}: missing model file (the model folder is incomplete; convert again)")
@@ -84,7 +83,7 @@ class OpenVinoEngine:
         if threads:
             self._config["INFERENCE_NUM_THREADS"] = str(threads)
         self._path = path
-        self._token_rows = token_rows
+        self._edit = edit
         try:
             self._model: ov.Model | None = self._read()
         except RuntimeError as exc:
@@ -100,10 +99,10 @@ class OpenVinoEngine:
         self._request = None
 
     def _read(self) -> ov.Model:
-        """The graph from its file, with the token rows appended when there are any."""
+        """The graph from its file, edited when an edit was given."""
         model = core().read_model(str(self._path))
-        if self._token_rows is not None:
-            extend_openvino_token_table(model, self._token_rows, self._path)
+        if self._edit is not None:
+            self._edit.edit_openvino(model, self._path)
         return model
 
     def _fit(self, name: str, value: np.ndarray) -> np.ndarray:

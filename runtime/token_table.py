@@ -4,7 +4,8 @@ The exported text encoder looks token ids up in a (vocabulary, width) table: a `
 that table and whose indices come from the ``input_ids`` input. Extending the table in the loaded graph,
 and giving an embedding's vectors the ids that follow the vocabulary, lets the unchanged file encode
 prompts that use the embedding: no export, no second text encoder on disk, and folders written by optimum
-work as well as sdlite's own. The file is never modified; only the engine's in-memory copy is.
+work as well as sdlite's own. The file is never modified: :class:`TokenRows` is a graph edit
+(``sdlite.engines.GraphEdit``) that the engine applies to its in-memory copy as it loads the graph.
 
 Every precision keeps its own table and gets ``Concat(table, rows)`` in front of the lookup:
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -52,6 +54,14 @@ class TokenRows:
     def __post_init__(self):
         if self.vectors.ndim != 2 or not len(self.vectors):
             raise ValueError(f"token rows must be a non-empty (N, width) array, got shape {self.vectors.shape}")
+
+    def edit_onnx(self, model: bytes, path: Path) -> bytes:
+        """The serialized ONNX ``model`` (from ``path``) with these rows in its token table."""
+        return extend_onnx_token_table(model, self, path)
+
+    def edit_openvino(self, model, path: Path) -> None:
+        """Append these rows to the token table of the OpenVINO ``model`` (read from ``path``), in place."""
+        extend_openvino_token_table(model, self, path)
 
 
 def _check_table(shape: tuple[int, ...], rows: TokenRows, graph: object) -> None:

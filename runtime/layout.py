@@ -1,0 +1,61 @@
+"""The converted-model folder: what ``sdlite convert`` writes and the runtime reads.
+
+The layout is optimum's (``optimum-cli export onnx|openvino`` writes the same folders, which the runtime
+opens too): one sub-folder per part holding its graph and ``config.json``, plus ``tokenizer/``,
+``scheduler/scheduler_config.json`` and ``model_index.json``. sdlite adds ``sdlite.json`` (the manifest:
+variants, hashes, validation; ``sdlite.manifest``). The converter and the runtime both take these names and
+facts from here, so that they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+MANIFEST_NAME = "sdlite.json"
+MODEL_INDEX = "model_index.json"
+CONFIG_NAME = "config.json"
+TOKENIZER_DIR = "tokenizer"
+SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
+
+# The graphs converted from every checkpoint, and the ones a generation cannot do without.
+PARTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+REQUIRED_PARTS = ("text_encoder", "unet", "vae_decoder")
+# Converted when the checkpoint has one (diffusers' ONNX script and sdlite write the same inputs).
+SAFETY_CHECKER = "safety_checker"
+
+# Graph file of each format, and where its weights live: model.onnx keeps tensors over 2 GB (and sdlite's
+# exports, all of them) in model.onnx_data beside it; openvino_model.xml keeps them in openvino_model.bin.
+GRAPH_FILES = {"onnx": "model.onnx", "openvino": "openvino_model.xml"}
+ONNX_EXTERNAL_DATA = "model.onnx_data"
+# sdlite's text-encoder exports end before CLIP's final layer norm (so that one graph serves every clip skip);
+# its weights (arrays weight, bias, eps) sit beside the graph in this file and the runtime applies it.
+FINAL_NORM_FILE = "final_layer_norm.npz"
+
+# SD's VAE latents are scaled to unit variance by this factor (Rombach et al. 2022, sec. 4.3.2); configs that
+# predate the key use it.
+DEFAULT_VAE_SCALING = 0.18215
+# Latent channels of the KL VAE every SD 1.x/2.x checkpoint uses.
+LATENT_CHANNELS = 4
+
+# Text-encoder (= U-Net cross-attention) width -> family: SD 2.x conditions on OpenCLIP ViT-H (1024 wide), SD 1.x
+# on CLIP ViT-L (768), and sdlite's toy models, narrower, follow SD 1.x's layout.
+FAMILY_NAMES = {"sd15": "SD 1.x", "sd2": "SD 2.x"}
+_SD2_WIDTH = 1024
+
+
+def family_of(cross_attention_dim: int | None) -> str:
+    """The family (``sd15`` or ``sd2``) of a U-Net with this cross-attention width."""
+    return "sd2" if cross_attention_dim == _SD2_WIDTH else "sd15"
+
+
+def vae_factor(block_out_channels: Sequence[int]) -> int:
+    """Pixels per latent cell along each side: the VAE halves the size between its blocks (8 for every SD VAE)."""
+    return 2 ** (len(block_out_channels) - 1)
+
+
+def graph_files(graph: Path) -> list[Path]:
+    """A graph file and the weight file that belongs to it, where that exists."""
+    graph = Path(graph)
+    weights = graph.with_suffix(".bin") if graph.suffix == ".xml" else graph.parent / ONNX_EXTERNAL_DATA
+    return [graph, weights] if weights.is_file() else [graph]
