@@ -5,9 +5,10 @@
 unconditional half is never run), the sampler's input scaling, and the model inputs beside the sample (the
 family's conditioning, an inpainting U-Net's mask channels), passed to the graph by input name.
 
-:func:`schedule_tail` is where img2img and inpainting strength cut the schedule: at the start of a sampler
+:func:`schedule_start` is where img2img and inpainting strength cut the schedule: at the start of a sampler
 step (``order`` evaluations), so a two-evaluation sampler never starts in the middle of one; the count of model
-evaluations is the one diffusers' img2img pipelines run.
+evaluations is the one diffusers' img2img pipelines run. The loop starts the sampler there explicitly
+(``begin``), never by looking a timestep up.
 """
 
 from __future__ import annotations
@@ -33,17 +34,15 @@ def steps_to_run(steps: int, strength: float) -> int:
     return max(1, min(int(steps * strength), steps))
 
 
-def schedule_tail(scheduler: schedulers.Scheduler, steps: int, strength: float) -> np.ndarray:
-    """The timesteps to run for SDEdit at ``strength`` (Meng et al. 2022): the scheduler's schedule (already set
-    for ``steps``) from the first evaluation of step ``steps - steps_to_run``. Strength 1 runs everything."""
-    timesteps = np.asarray(scheduler.timesteps)
+def schedule_start(scheduler: schedulers.Scheduler, steps: int, strength: float) -> int:
+    """The entry of the scheduler's schedule (already set for ``steps``) where SDEdit at ``strength`` begins (Meng
+    et al. 2022): the first evaluation of step ``steps - steps_to_run``. Strength 1 runs everything (entry 0)."""
     if strength >= 1.0:
-        return timesteps
-    start = steps - steps_to_run(steps, strength)
-    tail = timesteps[start * scheduler.order :]
-    if len(tail) == 0:
+        return 0
+    start = (steps - steps_to_run(steps, strength)) * scheduler.order
+    if start >= len(scheduler.timesteps):
         raise InputError(f"strength {strength} with {steps} steps leaves no step to run; raise strength or steps")
-    return tail
+    return start
 
 
 def training_sigmas(scheduler: schedulers.Scheduler) -> np.ndarray:
@@ -118,7 +117,7 @@ class Denoiser:
 
 def denoise(
     scheduler: schedulers.Scheduler,
-    timesteps: np.ndarray,
+    start: int,
     latents: np.ndarray,
     denoiser: Denoiser,
     draw_noise: Callable[[], np.ndarray],
@@ -126,10 +125,14 @@ def denoise(
     callback: StepCallback | None = None,
     progress: bool = True,
 ) -> np.ndarray:
-    """Run ``scheduler`` over ``timesteps`` from ``latents``; returns the final latents.
+    """Run ``scheduler`` from entry ``start`` of its schedule (see :func:`schedule_start`) to the end, from
+    ``latents``; returns the final latents.
 
-    ``draw_noise`` gives the fresh noise a stochastic sampler adds at each evaluation; ``after_step(i, latents)``
-    may change the latents after evaluation ``i`` (inpainting with a regular U-Net blends the kept area back)."""
+    ``draw_noise`` gives the fresh noise a stochastic sampler adds at each evaluation; ``after_step(entry,
+    latents)`` may change the latents after the evaluation at schedule entry ``entry`` (inpainting with a regular
+    U-Net blends the kept area back)."""
+    scheduler.begin(start)
+    timesteps = np.asarray(scheduler.timesteps)[start:]
     total = len(timesteps)
     sigmas = training_sigmas(scheduler) if callback is not None else None
     for i, t in enumerate(tqdm(timesteps, desc="denoise", unit="step", disable=not progress)):
@@ -137,7 +140,7 @@ def denoise(
         step_noise = draw_noise() if scheduler.stochastic else None
         latents = scheduler.step(output, t, latents, noise=step_noise).astype(np.float32, copy=False)
         if after_step is not None:
-            latents = after_step(i, latents)
+            latents = after_step(start + i, latents)
         if callback is not None:
             callback(i, total, latents, predicted_x0(scheduler, sigmas, scaled, output, t))
     return latents

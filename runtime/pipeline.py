@@ -15,7 +15,7 @@ from PIL import Image
 
 from sdlite import schedulers
 from sdlite.conditioning import TextConditioner
-from sdlite.denoiser import Denoiser, StepCallback, denoise, schedule_tail
+from sdlite.denoiser import Denoiser, StepCallback, denoise, schedule_start
 from sdlite.embeddings import EmbeddingLibrary, ti_hashes
 from sdlite.engines import ENGINE_FORMATS, check_engine
 from sdlite.errors import InputError
@@ -470,7 +470,7 @@ class Pipeline:
         scheduler = schedulers.create(request.sampler, self.folder.scheduler_config, request.schedule)
         scheduler.set_timesteps(request.steps)
         strength = init.strength if init.pixels is not None else 1.0
-        timesteps = schedule_tail(scheduler, request.steps, strength)
+        start = schedule_start(scheduler, request.steps, strength)
         channels, factor = self.vae.channels, self.vae.factor
         shape = (1, channels, request.height // factor, request.width // factor)
         streams = [NoiseGenerator(request.seed + i, request.seed_source) for i in range(request.batch)]
@@ -482,7 +482,6 @@ class Pipeline:
 
         in_channels = self.folder.unet_in_channels
         conditioned = in_channels == 2 * channels + 1  # an inpainting U-Net: latents, mask, masked image
-        first_t = np.full(request.batch, timesteps[0])
         image_latents = masked_latents = mask_latents = None
         if init.pixels is None:
             noise = draw() if init.latents is None else _checked_latents(init.latents, (request.batch, *shape[1:]))
@@ -490,7 +489,7 @@ class Pipeline:
         elif init.mask is None:
             image_latents = self.vae.encode_latents(init.pixels, draw())
             noise = draw()
-            latents = scheduler.add_noise(image_latents, noise, first_t)
+            latents = scheduler.noise_to(image_latents, noise, start)
         else:
             full_strength = init.strength == 1.0
             if not conditioned or not full_strength:
@@ -499,7 +498,7 @@ class Pipeline:
             if full_strength:
                 latents = noise * np.float32(scheduler.init_noise_sigma)
             else:
-                latents = scheduler.add_noise(image_latents, noise, first_t)
+                latents = scheduler.noise_to(image_latents, noise, start)
             masked_noise = draw()
             if conditioned:
                 masked_latents = self.vae.encode_latents(init.pixels * (init.mask < 0.5), masked_noise)
@@ -518,17 +517,17 @@ class Pipeline:
         after_step = None
         if mask_latents is not None and not conditioned:
 
-            def after_step(i: int, latents: np.ndarray) -> np.ndarray:
-                # Keep the unmasked area: the original latents, noised to the next step's level.
+            def after_step(entry: int, latents: np.ndarray) -> np.ndarray:
+                # Keep the unmasked area: the original latents, noised to the next evaluation's level.
                 proper = image_latents
-                if i < len(timesteps) - 1:
-                    proper = scheduler.add_noise(image_latents, noise, np.full(request.batch, timesteps[i + 1]))
+                if entry + 1 < len(scheduler.timesteps):
+                    proper = scheduler.noise_to(image_latents, noise, entry + 1)
                 return ((1 - mask_latents) * proper + mask_latents * latents).astype(np.float32)
 
         # An inpainting U-Net's extra channels (mask, masked-image latents) are the same at every step.
         channels = np.concatenate([mask_latents, masked_latents], axis=1) if conditioned else None
         denoiser = Denoiser(self.parts.get("unet"), conditioning, request.cfg_scale, channels)
-        latents = denoise(scheduler, timesteps, latents, denoiser, draw, after_step, callback, progress)
+        latents = denoise(scheduler, start, latents, denoiser, draw, after_step, callback, progress)
         self.parts.done("unet")
         images = self.vae.decode(latents)
         self.parts.done("vae_decoder")

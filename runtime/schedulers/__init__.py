@@ -10,6 +10,10 @@
 Each sampler reads the config keys it needs and falls back to the default of the matching diffusers
 class, so it behaves like ``DiffusersClass.from_config(config)``. Samplers are stateful the way
 diffusers' are (multistep history, step index): call ``set_timesteps`` before each run.
+
+A run may start later in the schedule (img2img): ``sched.begin(k * sched.order)`` starts it at sampler step
+``k`` and ``sched.noise_to(x0, noise, k * sched.order)`` noises the image to that level
+(``sdlite.schedulers.walk``).
 """
 
 from __future__ import annotations
@@ -84,6 +88,10 @@ class Scheduler(Protocol):
     ) -> np.ndarray: ...
 
     def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timesteps: Any) -> np.ndarray: ...
+
+    def begin(self, entry: int) -> None: ...
+
+    def noise_to(self, original_samples: np.ndarray, noise: np.ndarray, entry: int | list[int]) -> np.ndarray: ...
 
 
 class UnknownSamplerError(ValueError):

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .sigmas import TRAINING_DEFAULTS, check_noise, check_steps, index_for_timestep
+from .sigmas import TRAINING_DEFAULTS, check_noise, check_steps
 from .vp import VPSampler
 
 # diffusers' LCMScheduler defaults; a config key, when present, overrides them.
@@ -74,7 +74,6 @@ class LCMScheduler(VPSampler):
         super().__init__(config)
         self.original_inference_steps = int(self.config["original_inference_steps"])
         self.timesteps = np.arange(self.num_train_timesteps, dtype=np.int64)[::-1].copy()
-        self._step_index: int | None = None
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         """Choose ``num_inference_steps`` timesteps from the distillation schedule; reset the step index."""
@@ -82,15 +81,7 @@ class LCMScheduler(VPSampler):
             num_inference_steps, self.num_train_timesteps, self.original_inference_steps, self.name
         )
         self.num_inference_steps = int(num_inference_steps)
-        self._step_index = None
-
-    def _index(self, timestep: Any) -> int:
-        if self._step_index is None:
-            index = index_for_timestep(self.timesteps, timestep)
-            if index is None:
-                raise ValueError(f"{self.name}: timestep {timestep!r} is not in the schedule set by set_timesteps()")
-            self._step_index = index
-        return self._step_index
+        self._restart()
 
     def _prepare(
         self, model_output: np.ndarray, sample: np.ndarray, timestep: Any, noise: np.ndarray | None

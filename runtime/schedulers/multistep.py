@@ -20,7 +20,6 @@ from .sigmas import (
     broadcast_per_sample,
     check_option,
     check_steps,
-    index_for_timestep,
     multistep_timesteps,
     resample_sigmas,
     sigma_schedule_from_config,
@@ -28,21 +27,19 @@ from .sigmas import (
     train_sigmas,
     vp_alpha_sigma,
 )
+from .walk import ScheduleWalk
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
 
-class MultistepSampler:
-    """Base class: config, schedule, step index and ``add_noise`` of a VP multistep solver.
+class MultistepSampler(ScheduleWalk):
+    """Base class: config, schedule and noise levels of a VP multistep solver.
 
     Subclasses set ``name`` and ``DEFAULTS`` and implement ``_final_sigma``, ``_reset_state`` and ``step``.
-    State: past model outputs and a step index, found from the first timestep passed to ``step`` after
-    ``set_timesteps`` (so a loop may start mid-schedule, as img2img does). ``set_timesteps`` resets both.
+    State: past model outputs and the step index (``sdlite.schedulers.walk``); ``set_timesteps`` resets both.
     """
 
-    name = ""
     stochastic = False
-    order = 1  # model evaluations per step: step k begins at entry k * order of `timesteps`
     init_noise_sigma = 1.0
     DEFAULTS: dict[str, Any] = {}
     # Whether the timesteps of Karras sigmas are rounded (else truncated) to integers.
@@ -74,7 +71,6 @@ class MultistepSampler:
         self.num_inference_steps: int | None = None
         self.timesteps = np.zeros(0, dtype=np.int64)
         self.sigmas = self._train_sigmas.copy()
-        self._step_index: int | None = None
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -107,20 +103,12 @@ class MultistepSampler:
         self.timesteps = timesteps
         self.sigmas = np.concatenate([sigmas, [self._final_sigma(sigmas)]]).astype(np.float32)
         self.num_inference_steps = len(timesteps)
-        self._step_index = None
+        self._restart()
         self._reset_state()
 
     def scale_model_input(self, sample: np.ndarray, timestep: Any = None) -> np.ndarray:
         """Return ``sample`` unchanged: the solver keeps samples in the model's (VP) scale."""
         return sample
-
-    def _index(self, timestep: Any) -> int:
-        if self._step_index is None:
-            # A full run starts at index 0 even when its first timestep repeats; a mid-schedule start is
-            # looked up, and, as in the reference, an unknown timestep means "the last step".
-            index = 0 if timestep == self.timesteps[0] else index_for_timestep(self.timesteps, timestep)
-            self._step_index = len(self.timesteps) - 1 if index is None else index
-        return self._step_index
 
     def _check(self, model_output: np.ndarray, sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.num_inference_steps is None:
@@ -136,13 +124,9 @@ class MultistepSampler:
             return model_output
         return alpha_t * sample - sigma_t * model_output  # v_prediction (Salimans & Ho 2022)
 
-    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timesteps: Any) -> np.ndarray:
-        """Noise clean samples to ``timesteps`` of the current schedule: x = alpha_t x0 + sigma_t noise."""
-        indices = []
-        for t in np.asarray(timesteps).reshape(-1):
-            index = index_for_timestep(self.timesteps, t)
-            indices.append(len(self.timesteps) - 1 if index is None else index)
-        sigma = self.sigmas[indices].astype(np.float64)
+    def noise_to(self, original_samples: np.ndarray, noise: np.ndarray, entry: int | list[int]) -> np.ndarray:
+        """Noise clean samples to schedule entry ``entry``: x = alpha_t x0 + sigma_t noise."""
+        sigma = self.sigmas[np.atleast_1d(entry)].astype(np.float64)
         alpha_t = 1 / np.sqrt(sigma**2 + 1)
         ndim = np.ndim(original_samples)
         signal = broadcast_per_sample(alpha_t, ndim).astype(np.float32)

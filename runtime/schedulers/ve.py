@@ -30,13 +30,13 @@ from .sigmas import (
     check_noise,
     check_option,
     check_steps,
-    index_for_timestep,
     resample_sigmas,
     sigma_schedule_from_config,
     sigma_to_t,
     spaced_timesteps,
     train_sigmas,
 )
+from .walk import ScheduleWalk
 
 
 def denoised_from_output(prediction_type: str, model_output: np.ndarray, x: np.ndarray, sigma: float) -> np.ndarray:
@@ -63,19 +63,16 @@ def ancestral_split(sigma_from: float, sigma_to: float) -> tuple[float, float]:
     return sigma_down, sigma_up
 
 
-class VESampler:
-    """Base class: config, schedule, step index, input scaling and ``add_noise`` of a sigma-space sampler.
+class VESampler(ScheduleWalk):
+    """Base class: config, schedule, input scaling and noise levels of a sigma-space sampler.
 
     Subclasses set ``name`` and ``DEFAULTS`` (the diffusers class's defaults for the keys it reads) and
     implement ``_step``; two-stage samplers also override ``_expand`` and ``_model_sigma``.
 
-    State: a step index, found from the first timestep passed to ``scale_model_input`` or ``step`` after
-    ``set_timesteps`` (so a loop may start mid-schedule, as img2img does), advancing by one per ``step``.
+    State: the step index (``sdlite.schedulers.walk``), advancing by one entry per ``step``.
     """
 
-    name = ""
     stochastic = False
-    order = 1  # model evaluations per step: step k begins at entry k * order of `timesteps`
     DEFAULTS: dict[str, Any] = {}
     PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
     # Sigma schedules the reference class can use (its use_*_sigmas flags).
@@ -123,7 +120,6 @@ class VESampler:
         # Until set_timesteps, the noise levels of all training steps (for init_noise_sigma).
         self.sigmas = np.concatenate([self._train_sigmas[::-1], [0.0]]).astype(np.float32)
         self._base_sigmas = self.sigmas
-        self._step_index: int | None = None
 
     # --- schedule ----------------------------------------------------------------------------------------
 
@@ -156,7 +152,7 @@ class VESampler:
         self._base_timesteps = np.asarray(timesteps, dtype=np.float64)
         self.num_inference_steps = n
         self.timesteps, self.sigmas = self._expand(self._base_timesteps, self._base_sigmas)
-        self._step_index = None
+        self._restart()
         self._reset_state()
 
     def _expand(self, timesteps: np.ndarray, sigmas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -167,16 +163,6 @@ class VESampler:
         """Forget what earlier steps left behind (multistep history, a half-done two-stage step)."""
 
     # --- stepping ------------------------------------------------------------------------------------------
-
-    def _index(self, timestep: Any) -> int:
-        if self._step_index is None:
-            # A full run starts at index 0 even when its first timestep repeats (the reference would jump
-            # to the repeat); a mid-schedule start is looked up (second match for a repeated timestep).
-            index = 0 if timestep == self.timesteps[0] else index_for_timestep(self.timesteps, timestep)
-            if index is None:
-                raise ValueError(f"{self.name}: timestep {timestep!r} is not in the schedule set by set_timesteps()")
-            self._step_index = index
-        return self._step_index
 
     def _model_sigma(self, j: int) -> float:
         # The noise level the model sees at entry j of `timesteps`.
@@ -214,15 +200,9 @@ class VESampler:
     def _step(self, j: int, model_output: np.ndarray, x: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
         raise NotImplementedError
 
-    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timesteps: Any) -> np.ndarray:
-        """Noise clean samples to ``timesteps`` of the current schedule: x = x0 + sigma * noise."""
-        indices = []
-        for t in np.asarray(timesteps).reshape(-1):
-            index = index_for_timestep(self.timesteps, t)
-            if index is None:
-                raise ValueError(f"{self.name}: timestep {t!r} is not in the schedule set by set_timesteps()")
-            indices.append(index)
-        sigma = broadcast_per_sample(self.sigmas[indices], np.ndim(original_samples))
+    def noise_to(self, original_samples: np.ndarray, noise: np.ndarray, entry: int | list[int]) -> np.ndarray:
+        """Noise clean samples to schedule entry ``entry``: x = x0 + sigma * noise."""
+        sigma = broadcast_per_sample(self.sigmas[np.atleast_1d(entry)], np.ndim(original_samples))
         return (original_samples + noise * sigma).astype(np.float32)
 
 

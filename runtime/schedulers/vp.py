@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from .sigmas import add_noise_vp, alphas_cumprod_from_config, check_option, check_steps, spaced_timesteps
+from .walk import ScheduleWalk
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
@@ -32,7 +33,7 @@ def predict_x0_eps(
     return a * sample - b * model_output, a * model_output + b * sample  # v_prediction
 
 
-class VPSampler:
+class VPSampler(ScheduleWalk):
     """Base class: config, alpha-bar table, spaced timesteps and ``add_noise`` of a discrete VP sampler.
 
     Subclasses set ``name`` and ``DEFAULTS`` (the diffusers class's defaults for the keys it reads) and
@@ -40,9 +41,7 @@ class VPSampler:
     ``clip_sample`` / ``clip_sample_range``, ``set_alpha_to_one``, ``rescale_betas_zero_snr``.
     """
 
-    name = ""
     stochastic = False
-    order = 1  # model evaluations per step: step k begins at entry k * order of `timesteps`
     init_noise_sigma = 1.0
     DEFAULTS: dict[str, Any] = {}
     PREDICTION_TYPES: tuple[str, ...] = PREDICTION_TYPES
@@ -87,6 +86,7 @@ class VPSampler:
             )
         self.num_inference_steps = int(num_inference_steps)
         self.timesteps = self._spaced_timesteps(self.num_inference_steps)
+        self._restart()
 
     def scale_model_input(self, sample: np.ndarray, timestep: Any = None) -> np.ndarray:
         """Return ``sample`` unchanged: the model sees the unscaled VP sample."""
@@ -112,6 +112,11 @@ class VPSampler:
             return x0
         return np.clip(x0, -self.clip_sample_range, self.clip_sample_range)
 
+    def noise_to(self, original_samples: np.ndarray, noise: np.ndarray, entry: int | list[int]) -> np.ndarray:
+        """Noise clean samples to the timestep of schedule entry ``entry``."""
+        return add_noise_vp(self.alphas_cumprod, original_samples, noise, self.timesteps[np.atleast_1d(entry)])
+
     def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timesteps: Any) -> np.ndarray:
-        """Noise clean samples to integer ``timesteps`` (one per sample, or one for all)."""
+        """Noise clean samples to integer training ``timesteps`` (one per sample, or one for all): here a timestep
+        names its noise level, in the schedule or not, as the training process defines it."""
         return add_noise_vp(self.alphas_cumprod, original_samples, noise, timesteps)
