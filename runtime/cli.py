@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from sdlite.errors import InputError, SdliteError
+from sdlite.errors import InputError, SdliteError, summarize
 from sdlite.layout import MODEL_INDEX
 
 
@@ -186,6 +187,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     folder = ModelFolder.open(args.model)
     manifest = folder.manifest
+    if args.verify:
+        print(f"verified   {folder.verify()} files against the sha256 in the manifest")
     print(f"model      {manifest.name} ({manifest.family}, {manifest.prediction_type} prediction)")
     print(f"folder     {folder.path}")
     print(f"size       {manifest.default_size[0]}x{manifest.default_size[1]} (default)")
@@ -195,9 +198,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         for variant in variants:
             size = sum((folder.path / f).stat().st_size for f in variant.files if (folder.path / f).is_file())
             check = ""
-            if variant.validation:
-                worst = max(variant.validation["max_abs_diff"].values())
-                check = f"  max|diff| vs PyTorch {worst:.1e} {'ok' if variant.validation['passed'] else 'FAILED'}"
+            diffs = (variant.validation or {}).get("max_abs_diff")
+            if isinstance(diffs, dict) and diffs:
+                worst = max(diffs.values())
+                check = f"  max|diff| vs PyTorch {worst:.1e} {'ok' if variant.validation.get('passed') else 'FAILED'}"
             tome = f"  token merging {variant.token_merging:g}" if variant.token_merging else ""
             print(
                 f"{component:<15}{variant.format:<9}{variant.precision:<6}{variant.attention:<7}"
@@ -335,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="what a converted-model folder holds")
     info.add_argument("model")
+    info.add_argument("--verify", action="store_true", help="check every file against its recorded sha256")
     info.set_defaults(func=cmd_info)
 
     sub.add_parser("bench", help="latency, memory and fidelity per configuration (sdlite bench --help)", add_help=False)
@@ -386,6 +391,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("error: out of memory; try a smaller --size or --batch, --vae-tiling on or --low-memory", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        # Every input sdlite knows to be wrong has its own message above; what lands here is a bug, still reported
+        # in one line (SDLITE_TRACEBACK=1 shows the traceback for a bug report).
+        if os.environ.get("SDLITE_TRACEBACK"):
+            raise
+        print(
+            f"error: unexpected {type(exc).__name__}: {summarize(exc)} (please report it; SDLITE_TRACEBACK=1 shows "
+            "where)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

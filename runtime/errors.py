@@ -13,6 +13,18 @@ class InputError(SdliteError):
     exit_code = 2
 
 
+def check_finite(values, stage: str) -> None:
+    """Raise an SdliteError naming ``stage`` when ``values`` (a numpy array) hold NaN or infinity: such a result
+    would otherwise become a black or noise image, written as if nothing had happened."""
+    import numpy as np
+
+    if not np.isfinite(values).all():
+        raise SdliteError(
+            f"{stage} produced non-finite values (NaN or infinity); the usual causes are float16 overflow "
+            "(try --compute f32 or an fp32 variant) or a broken converted graph (convert again)"
+        )
+
+
 def summarize(exc: BaseException, limit: int = 200) -> str:
     """The first informative line of a third-party exception, for a one-line error message.
 

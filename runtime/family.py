@@ -13,6 +13,7 @@ import numpy as np
 
 from sdlite.conditioning import TextConditioner
 from sdlite.engines import Engine
+from sdlite.errors import check_finite
 from sdlite.request import GenerationRequest
 
 
@@ -36,7 +37,9 @@ class StableDiffusionFamily:
         """The U-Net inputs for ``request``, batched [negative x batch, prompt x batch] when guided, else
         [prompt x batch] (diffusers skips the unconditional pass at CFG <= 1)."""
         prompts = [request.negative_prompt, request.prompt] if request.guided else [request.prompt]
-        context = np.repeat(self.encode(prompts, request.clip_skip), request.batch, axis=0)
+        context = self.encode(prompts, request.clip_skip)
+        check_finite(context, "the text encoder")
+        context = np.repeat(context, request.batch, axis=0)
         return {"encoder_hidden_states": context}
 
     def embeddings_used(self, request: GenerationRequest) -> dict:

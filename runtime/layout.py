@@ -32,6 +32,39 @@ ONNX_EXTERNAL_DATA = "model.onnx_data"
 # its weights (arrays weight, bias, eps) sit beside the graph in this file and the runtime applies it.
 FINAL_NORM_FILE = "final_layer_norm.npz"
 
+# What each part's graph takes and gives, by name, as sdlite and optimum export them (and as the runtime feeds
+# and reads them): a graph of another part in a part's folder is recognised by these.
+PART_INPUTS = {
+    "text_encoder": ("input_ids",),
+    "unet": ("sample", "timestep", "encoder_hidden_states"),
+    "vae_encoder": ("sample",),
+    "vae_decoder": ("latent_sample",),
+    SAFETY_CHECKER: ("clip_input", "images"),
+}
+PART_OUTPUTS = {
+    "text_encoder": ("last_hidden_state",),
+    "unet": ("out_sample",),
+    "vae_encoder": ("latent_parameters",),
+    "vae_decoder": ("sample",),
+    SAFETY_CHECKER: ("has_nsfw_concepts",),
+}
+
+
+def check_part_graph(part: str, graph: Path, inputs: Sequence[str], outputs: Sequence[str]) -> None:
+    """Raise a one-line InputError unless a graph with these input and output names can serve as ``part``."""
+    from sdlite.errors import InputError
+
+    wanted_in, wanted_out = PART_INPUTS.get(part), PART_OUTPUTS.get(part)
+    if wanted_in is None:
+        return
+    if set(inputs) != set(wanted_in) or not set(wanted_out) <= set(outputs):
+        raise InputError(
+            f"{graph}: not a {part} graph: it takes {', '.join(inputs) or 'nothing'} and gives "
+            f"{', '.join(outputs) or 'nothing'}; a {part} takes {', '.join(wanted_in)} and gives "
+            f"{', '.join(wanted_out)} (a graph of another part or model in this folder? convert again)"
+        )
+
+
 # SD's VAE latents are scaled to unit variance by this factor (Rombach et al. 2022, sec. 4.3.2); configs that
 # predate the key use it.
 DEFAULT_VAE_SCALING = 0.18215

@@ -7,11 +7,15 @@ the same facts from their files (see ``sdlite.model_folder``).
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from sdlite.layout import MANIFEST_NAME
+from sdlite.layout import GRAPH_FILES, MANIFEST_NAME
+
+# What the U-Net predicts (diffusers' prediction_type).
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 FORMAT_VERSION = 1
 
@@ -33,6 +37,50 @@ class Variant:
     def main_file(self) -> str:
         """The graph file (``model.onnx`` or ``openvino_model.xml``)."""
         return next(iter(self.files))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_KIND_NAMES = {dict: "an object", list: "a list", str: "a string", int: "a whole number"}
+
+
+def _field(data: dict, key: str, kind: type | tuple[type, ...]):
+    """``data[key]``, which must be there and of type ``kind``."""
+    if key not in data:
+        raise ValueError(f"{key}: missing")
+    value = data[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"{key} {value!r}: expected {_KIND_NAMES.get(kind, 'a number')}")
+    return value
+
+
+def _variant(part: str, data: dict) -> Variant:
+    """One variant of ``part`` from its JSON object, checked."""
+    where = f"components.{part}"
+    fmt = _field(data, "format", str)
+    if fmt not in GRAPH_FILES:
+        raise ValueError(f"{where}: format {fmt!r}: expected one of {', '.join(GRAPH_FILES)}")
+    files = _field(data, "files", dict)
+    if not files or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise ValueError(f"{where}: files: expected a non-empty map of file path to sha256")
+    if any(Path(name).is_absolute() or ".." in Path(name).parts for name in files):
+        raise ValueError(f"{where}: files: paths must stay inside the model folder")
+    validation = data.get("validation")
+    if validation is not None and not isinstance(validation, dict):
+        raise ValueError(f"{where}: validation: expected an object")
+    merging = data.get("token_merging", 0.0)
+    if isinstance(merging, bool) or not isinstance(merging, (int, float)) or not 0 <= merging < 1:
+        raise ValueError(f"{where}: token_merging {merging!r}: expected a fraction from 0 to below 1")
+    return Variant(
+        format=fmt,
+        precision=_field(data, "precision", str),
+        attention=_field(data, "attention", str),
+        files=dict(files),
+        validation=validation,
+        token_merging=float(merging),
+    )
 
 
 @dataclass
@@ -59,18 +107,42 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: dict) -> Manifest:
-        """Parse the dict ``to_json`` wrote; raises KeyError/TypeError on a malformed manifest."""
-        components = {name: [Variant(**v) for v in variants] for name, variants in data["components"].items()}
+        """Parse the dict ``to_json`` wrote; raises ValueError naming the first field that is missing or of the
+        wrong type or range."""
+        if not isinstance(data, dict):
+            raise ValueError("expected a JSON object")
+        components = _field(data, "components", dict)
+        for part, variants in components.items():
+            if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):
+                raise ValueError(f"components.{part}: expected a list of variants")
+        size = _field(data, "default_size", list)
+        if len(size) != 2 or not all(_is_int(v) and v > 0 for v in size):
+            raise ValueError(f"default_size {size!r}: expected [width, height], two positive whole numbers")
+        scale = _field(data, "vae_scaling_factor", (int, float))
+        if isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"vae_scaling_factor {scale!r}: expected a positive number")
+        prediction = _field(data, "prediction_type", str)
+        if prediction not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type {prediction!r}: expected one of {', '.join(PREDICTION_TYPES)}")
+        source = data.get("source_sha256")
+        if source is not None and not isinstance(source, str):
+            raise ValueError(f"source_sha256 {source!r}: expected a hex string")
+        loras = data.get("loras", [])
+        if not isinstance(loras, list) or not all(
+            isinstance(lora, dict) and isinstance(lora.get("name"), str) and isinstance(lora.get("a1111_hash"), str)
+            for lora in loras
+        ):
+            raise ValueError("loras: expected a list of objects with a name and an a1111_hash")
         return cls(
-            family=data["family"],
-            name=data["name"],
-            prediction_type=data["prediction_type"],
-            vae_scaling_factor=float(data["vae_scaling_factor"]),
-            default_size=tuple(data["default_size"]),
-            source_sha256=data.get("source_sha256"),
-            components=components,
-            loras=list(data.get("loras", [])),
-            format_version=int(data.get("format_version", FORMAT_VERSION)),
+            family=_field(data, "family", str),
+            name=_field(data, "name", str),
+            prediction_type=prediction,
+            vae_scaling_factor=float(scale),
+            default_size=(int(size[0]), int(size[1])),
+            source_sha256=source,
+            components={part: [_variant(part, v) for v in variants] for part, variants in components.items()},
+            loras=list(loras),
+            format_version=_field({"format_version": FORMAT_VERSION, **data}, "format_version", int),
         )
 
     def lora_hashes(self) -> str | None:

@@ -79,18 +79,23 @@ def masked_region(mask: np.ndarray, padding: int, aspect: float) -> Region:
     return Region(left, top, left + box_w, top + box_h)
 
 
+def check_extend(extend: tuple[int, int, int, int]) -> None:
+    """(left, top, right, bottom): four non-negative whole multiples of 8, not all 0."""
+    if len(extend) != 4 or any(isinstance(e, bool) or not isinstance(e, (int, np.integer)) or e < 0 for e in extend):
+        raise InputError(f"--extend {extend}: expected four non-negative numbers LEFT,TOP,RIGHT,BOTTOM")
+    if not any(extend):
+        raise InputError("--extend 0,0,0,0: nothing to outpaint; grow at least one side")
+    if any(e % 8 for e in extend):
+        raise InputError(f"--extend {','.join(map(str, extend))}: each extension must be a multiple of 8")
+
+
 def outpaint_canvas(
     image: Image.Image, extend: tuple[int, int, int, int], seam: int
 ) -> tuple[Image.Image, Image.Image]:
     """Grow ``image`` by (left, top, right, bottom) pixels, filling the new area by repeating the edge
     pixels, and return it with the mask of what to paint: the new area plus a ``seam``-pixel band of the
     original along each grown side, so the border is repainted and blends."""
-    if len(extend) != 4 or any(e < 0 for e in extend):
-        raise InputError(f"--extend {extend}: expected four non-negative numbers LEFT,TOP,RIGHT,BOTTOM")
-    if not any(extend):
-        raise InputError("--extend 0,0,0,0: nothing to outpaint; grow at least one side")
-    if any(e % 8 for e in extend):
-        raise InputError(f"--extend {','.join(map(str, extend))}: each extension must be a multiple of 8")
+    check_extend(extend)
     left, top, right, bottom = extend
     pixels = np.asarray(image.convert("RGB"))
     canvas = np.pad(pixels, ((top, bottom), (left, right), (0, 0)), mode="edge")

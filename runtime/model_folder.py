@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdlite.errors import InputError
+from sdlite.hashing import sha256_file
 from sdlite.layout import (
     CONFIG_NAME,
     DEFAULT_VAE_SCALING,
@@ -22,21 +23,68 @@ from sdlite.layout import (
     vae_factor,
 )
 from sdlite.manifest import Manifest, Variant
+from sdlite.tokenizer import CLIPTokenizer
 
 
 def _read_json(path: Path) -> dict:
+    """A JSON object from ``path``; InputError when the file is missing, unreadable or not an object."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         raise InputError(f"{path}: missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read ({exc.strerror})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_counts(value: object) -> bool:
+    return isinstance(value, list) and bool(value) and all(_is_count(v) for v in value)
+
+
+def _is_heads(value: object) -> bool:
+    return value is None or _is_count(value) or _is_counts(value)
+
+
+def _is_names(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _is_positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+# Config keys the runtime reads, what each must be, and the check.
+_CONFIG_CHECKS = {
+    "in_channels": ("a positive whole number", _is_count),
+    "sample_size": ("a positive whole number", _is_count),
+    "cross_attention_dim": ("a positive whole number", _is_count),
+    "hidden_size": ("a positive whole number", _is_count),
+    "block_out_channels": ("a list of positive whole numbers", _is_counts),
+    "attention_head_dim": ("a positive whole number or a list of them", _is_heads),
+    "num_attention_heads": ("a positive whole number, a list of them or null", _is_heads),
+    "down_block_types": ("a list of block names", _is_names),
+    "scaling_factor": ("a positive number", _is_positive),
+}
 
 
 def _part_config(folder: Path, part: str) -> dict:
-    """A part's ``config.json`` ({} when the folder has none)."""
+    """A part's ``config.json`` ({} when the folder has none), the keys the runtime reads checked."""
     path = folder / part / CONFIG_NAME
-    return _read_json(path) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    config = _read_json(path)
+    for key, (expected, valid) in _CONFIG_CHECKS.items():
+        if key in config and not valid(config[key]):
+            raise InputError(f"{path}: {key} {config[key]!r}: expected {expected}")
+    return config
 
 
 def _infer_manifest(folder: Path) -> Manifest:
@@ -79,12 +127,13 @@ class ModelFolder:
             raise InputError(f"{folder}: model folder not found (convert a checkpoint with `sdlite convert`)")
         if not (folder / MODEL_INDEX).is_file():
             raise InputError(f"{folder}: not a converted model folder (no {MODEL_INDEX})")
+        _read_json(folder / MODEL_INDEX)
         manifest_path = folder / MANIFEST_NAME
         if manifest_path.is_file():
             try:
                 manifest = Manifest.from_json(_read_json(manifest_path))
-            except (KeyError, TypeError, ValueError) as exc:
-                raise InputError(f"{manifest_path}: malformed manifest ({exc})") from None
+            except ValueError as exc:
+                raise InputError(f"{manifest_path}: malformed manifest: {exc}") from None
         else:
             manifest = _infer_manifest(folder)
         scheduler_config = _read_json(folder / SCHEDULER_CONFIG)
@@ -98,11 +147,32 @@ class ModelFolder:
 
     def graph(self, component: str, formats: tuple[str, ...], precision: str | None = None) -> Path:
         """The graph file of ``component`` in the first of ``formats`` the folder holds (in ``precision``,
-        else the first precision held)."""
-        file = self.path / self.variant(component, formats, precision).main_file
-        if not file.is_file():
-            raise InputError(f"{file}: missing (the model folder is incomplete; convert again)")
-        return file
+        else the first precision held), after checking that every file of that variant is there."""
+        variant = self.variant(component, formats, precision)
+        self.check_files(variant)
+        return self.path / variant.main_file
+
+    def check_files(self, variant: Variant, verify: bool = False) -> None:
+        """Every file ``variant`` lists must exist; with ``verify``, also have the sha256 the manifest records
+        (files of folders without a manifest have no recorded hash and are not compared)."""
+        for name, digest in variant.files.items():
+            file = self.path / name
+            if not file.is_file():
+                raise InputError(f"{file}: missing (the model folder is incomplete; convert again)")
+            if verify and digest and sha256_file(file) != digest:
+                raise InputError(
+                    f"{file}: its sha256 is not the one {MANIFEST_NAME} records (the file was changed or damaged; "
+                    "convert again)"
+                )
+
+    def verify(self) -> int:
+        """Check every file of every variant against its recorded sha256; returns how many files were checked."""
+        count = 0
+        for variants in self.manifest.components.values():
+            for variant in variants:
+                self.check_files(variant, verify=True)
+                count += len(variant.files)
+        return count
 
     def variant(self, component: str, formats: tuple[str, ...], precision: str | None = None) -> Variant:
         """The variant ``graph`` picks."""
@@ -118,20 +188,31 @@ class ModelFolder:
             raise InputError(f"{self.path}: {component} has no {wanted} variant; it holds: {have}")
         return matching[0]
 
+    def part_config(self, part: str) -> dict:
+        """The ``config.json`` of ``part`` ({} when the folder has none)."""
+        return _part_config(self.path, part)
+
     @property
     def unet_in_channels(self) -> int:
         """Channels the U-Net takes: 4, or 9 for inpainting models (latents + mask + masked image)."""
-        return int(_part_config(self.path, "unet").get("in_channels", LATENT_CHANNELS))
+        return int(self.part_config("unet").get("in_channels", LATENT_CHANNELS))
 
     @property
     def text_width(self) -> int | None:
         """The width of the text encoder's token vectors (768 for SD 1.x, 1024 for SD 2.x), from its config
         (or the U-Net's cross-attention width, which equals it); None when neither file says."""
         for part, key in (("text_encoder", "hidden_size"), ("unet", "cross_attention_dim")):
-            value = _part_config(self.path, part).get(key)
+            value = self.part_config(part).get(key)
             if isinstance(value, int):
                 return value
         return None
+
+    def tokenizer(self) -> CLIPTokenizer:
+        """The model's CLIP tokenizer; InputError naming the file when a tokenizer file is missing or broken."""
+        try:
+            return CLIPTokenizer.from_folder(self.tokenizer_dir)
+        except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+            raise InputError(f"{self.tokenizer_dir}: unusable tokenizer ({exc})") from None
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -141,7 +222,7 @@ class ModelFolder:
     @property
     def latent_factor(self) -> int:
         """Pixels per latent cell along each side, from the VAE's config (8 when the folder does not say)."""
-        return vae_factor(_part_config(self.path, "vae_decoder").get("block_out_channels", [0] * 4))
+        return vae_factor(self.part_config("vae_decoder").get("block_out_channels", [0] * 4))
 
     @property
     def model_hash(self) -> str | None:

@@ -22,7 +22,8 @@ from typing import Protocol
 import numpy as np
 
 from sdlite.engines import Engine, GraphEdit, load_engine
-from sdlite.layout import graph_files
+from sdlite.errors import InputError
+from sdlite.layout import check_part_graph, graph_files
 
 # Resident bytes per byte of graph files: OpenVINO keeps the mapped weights file and its own repacked copy, so
 # about two; onnxruntime holds its arena and initializers about once but pays for activations. Two is the
@@ -60,6 +61,7 @@ class _ObservedEngine:
         self._part = part
         self.engine = engine
         self.input_names = engine.input_names
+        self.output_names = engine.output_names
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the graph (see :class:`sdlite.engines.Engine`), reporting the call to the observers."""
@@ -150,6 +152,11 @@ class PartPool:
                 engine = load_engine(
                     self.path(part), self.engine_name, self.device, self.threads, compute, self._edits.get(part)
                 )
+            try:
+                check_part_graph(part, self.path(part), engine.input_names, engine.output_names)
+            except InputError:
+                engine.release()
+                raise
             self._loaded[part] = _ObservedEngine(self, part, engine)
         self._in_use.add(part)
         return self._loaded[part]

@@ -18,18 +18,18 @@ from sdlite.conditioning import TextConditioner
 from sdlite.denoiser import Denoiser, StepCallback, denoise, schedule_start
 from sdlite.embeddings import EmbeddingLibrary, ti_hashes
 from sdlite.engines import ENGINE_FORMATS, check_engine
-from sdlite.errors import InputError
+from sdlite.errors import InputError, check_finite
 from sdlite.family import StableDiffusionFamily
 from sdlite.finishing import Finisher, ModelFacts, SafetyChecker
 from sdlite.images import resize_to, to_pil, to_pixels, to_unit, working_size
 from sdlite.layout import REQUIRED_PARTS, SAFETY_CHECKER
-from sdlite.masks import check_not_empty, masked_region, outpaint_canvas, paste_back, prepare_mask
+from sdlite.masks import check_extend, check_not_empty, masked_region, outpaint_canvas, paste_back, prepare_mask
+from sdlite.memory_guard import MemoryGuard, UNetShape
 from sdlite.model_folder import ModelFolder
 from sdlite.parts import PartPool
 from sdlite.request import GenerationRequest, check_size, check_strength, is_finite_number, make_request
 from sdlite.rng import DEFAULT_SOURCE, NoiseGenerator
 from sdlite.safety import load_preprocessing
-from sdlite.tokenizer import CLIPTokenizer
 from sdlite.vae import LatentCodec, Vae
 
 __all__ = ["GenerationRequest", "Pipeline", "check_size", "check_strength"]
@@ -125,10 +125,11 @@ class Pipeline:
         self.compute = compute
         self.low_memory = low_memory or memory_budget == 0
         self.threads = threads
-        self.tokenizer = CLIPTokenizer.from_folder(folder.tokenizer_dir)
+        self.tokenizer = folder.tokenizer()
         formats = ENGINE_FORMATS[engine]
+        unet = folder.variant("unet", formats, precision)
         # ToMe, when the U-Net was converted with it, changes the image: the infotext says so (as A1111's).
-        self.token_merging = folder.variant("unet", formats, precision).token_merging
+        self.token_merging = unet.token_merging
         # The checkpoint's safety checker runs by default when the folder has one (fp32 only, in the format
         # the engine prefers); safety_checker=False never loads it.
         self.safety_checker = safety_checker and bool(folder.variants(SAFETY_CHECKER))
@@ -181,6 +182,13 @@ class Pipeline:
             compute=self.compute_precision,
         )
         self.finisher = Finisher(facts, safety)
+        decoder_widths = folder.part_config("vae_decoder").get("block_out_channels") or [128]
+        self.memory_guard = MemoryGuard(
+            UNetShape.from_config(folder.part_config("unet"), unet.attention),
+            self.vae.factor,
+            int(decoder_widths[0]),
+            engine,
+        )
         if budget is None:
             for name in resident:
                 self.parts.get(name)
@@ -418,10 +426,14 @@ class Pipeline:
                 f"image is {image.width}x{image.height}: outpainting needs multiples of 8; resize it first "
                 "(e.g. with sdlite img2img --resize crop --strength ...) or crop it"
             )
-        canvas, mask = outpaint_canvas(image, tuple(extend), seam)
         for key in ("width", "height", "strength"):
             if options.pop(key, None) is not None:
                 raise InputError(f"outpaint takes no {key}: the canvas size comes from the image and --extend")
+        check_extend(extend)
+        # The canvas is checked (size, memory) before it is allocated.
+        canvas_size = (image.width + extend[0] + extend[2], image.height + extend[1] + extend[3])
+        self._check_memory(self._check(prompt, **options, **_size_or(canvas_size, canvas_size)))
+        canvas, mask = outpaint_canvas(image, tuple(extend), seam)
         result = self.inpaint(
             prompt,
             canvas,
@@ -467,6 +479,7 @@ class Pipeline:
 
         Noise is drawn per image from that image's seed, in the order diffusers' pipelines draw it (VAE
         posterior sample, then the initial noise, then per-step noise), so runs can be compared with them."""
+        self._check_memory(request)
         scheduler = schedulers.create(request.sampler, self.folder.scheduler_config, request.schedule)
         scheduler.set_timesteps(request.steps)
         strength = init.strength if init.pixels is not None else 1.0
@@ -531,7 +544,18 @@ class Pipeline:
         self.parts.done("unet")
         images = self.vae.decode(latents)
         self.parts.done("vae_decoder")
+        check_finite(images, "the VAE decoder")
         return images
+
+    def _check_memory(self, request: GenerationRequest) -> None:
+        """Refuse a request whose working set would not fit in the memory available (``sdlite.memory_guard``)."""
+        # Parts load one at a time when they are not resident: the largest still to load is what the stages add.
+        to_load = max(
+            (self.parts.resident_bytes(part) for part in REQUIRED_PARTS if part not in self.parts.loaded()), default=0
+        )
+        self.memory_guard.check(
+            request.width, request.height, request.batch, request.guided, self.vae.decode_pixels, to_load
+        )
 
     def _finish(
         self,

@@ -26,6 +26,8 @@ MAX_SEED = 2**64 - 1
 MAX_STEPS = 1000
 MAX_CFG_SCALE = 100.0
 MAX_BATCH = 64
+# Sides beyond this are refused before any image of that size is allocated; the memory guard refuses far less.
+MAX_SIDE = 65536
 
 
 @dataclass(frozen=True)
@@ -53,9 +55,11 @@ class GenerationRequest:
 
 
 def check_size(width: int, height: int) -> None:
-    """Width and height must be positive multiples of 8 (the VAE's downsampling factor)."""
+    """Width and height must be positive multiples of 8 (the VAE's downsampling factor), at most ``MAX_SIDE``."""
     if width < 8 or height < 8 or width % 8 or height % 8:
         raise InputError(f"size {width}x{height}: width and height must be positive multiples of 8")
+    if max(width, height) > MAX_SIDE:
+        raise InputError(f"size {width}x{height}: width and height must be at most {MAX_SIDE}")
 
 
 def check_strength(strength: float) -> None:
@@ -112,10 +116,14 @@ def make_request(
     seed = _integer("seed", seed, 0, MAX_SEED)
     try:
         sampler = schedulers.canonical_name(sampler or default_sampler)
-        # Fails early on an unknown schedule, a schedule the sampler cannot take, or too many steps.
-        schedulers.create(sampler, scheduler_config, schedule).set_timesteps(steps)
+        schedulers.infotext_fields(sampler, schedule)  # an unknown schedule, or one the sampler cannot take
     except ValueError as exc:
         raise InputError(str(exc)) from None
+    try:
+        # Fails early on too many steps, or a scheduler config this sampler cannot run with.
+        schedulers.create(sampler, scheduler_config, schedule).set_timesteps(steps)
+    except (ValueError, TypeError, KeyError, IndexError, ArithmeticError, NotImplementedError) as exc:
+        raise InputError(f"sampler {sampler} with the model's scheduler config: {exc}") from None
     if seed_source not in SOURCES:
         raise InputError(f"seed_source {seed_source!r}: unknown; known: {', '.join(SOURCES)}")
     check_clip_skip(clip_skip)

@@ -9,7 +9,7 @@ from typing import Protocol
 import numpy as np
 
 from sdlite.engines import Engine
-from sdlite.errors import InputError
+from sdlite.errors import InputError, check_finite
 from sdlite.layout import LATENT_CHANNELS
 from sdlite.tiling import run_tiled
 
@@ -47,6 +47,9 @@ class LatentCodec(Protocol):
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Images of ``latents``."""
+
+    def decode_pixels(self, width: int, height: int) -> int:
+        """Output pixels the decoder works on at once for an image of ``width`` x ``height`` (a tile's when tiled)."""
 
 
 class Vae:
@@ -88,6 +91,12 @@ class Vae:
         pixels = latent_height * latent_width * self.factor**2
         return pixels * DECODER_BYTES_PER_PIXEL > self.budget_bytes
 
+    def decode_pixels(self, width: int, height: int) -> int:
+        """Output pixels the decoder works on at once for an image of ``width`` x ``height`` (a tile's when tiled)."""
+        if self.uses_tiles(height // self.factor, width // self.factor):
+            return (self.tile_latent * self.factor) ** 2
+        return width * height
+
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Latents (N, 4, h, w) -> images (N, 8h, 8w, 3) in 0..1; one image at a time to bound memory."""
         decoder = self._engine("vae_decoder")
@@ -123,6 +132,7 @@ class Vae:
             else:
                 params.append(run(image))
         mean, logvar = np.split(np.concatenate(params), 2, axis=1)
+        check_finite(mean, "the VAE encoder")
         return mean, np.exp(0.5 * np.clip(logvar, *_LOGVAR_RANGE)).astype(np.float32)
 
     def encode_latents(self, pixels: np.ndarray, noise: np.ndarray) -> np.ndarray:

@@ -31,6 +31,7 @@ class Engine(Protocol):
     """One loaded graph."""
 
     input_names: list[str]
+    output_names: list[str]
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the graph; inputs are cast to the dtypes and ranks the graph declares."""

@@ -56,6 +56,7 @@ class OnnxRuntimeEngine:
             raise InputError(f"{path}: corrupt or unreadable ONNX file ({summarize(exc)})") from None
         self._inputs = {i.name: i for i in self._session.get_inputs()}
         self.input_names = list(self._inputs)
+        self.output_names = [meta.name for meta in self._session.get_outputs()]
 
     def _fit(self, name: str, value: np.ndarray) -> np.ndarray:
         meta = self._inputs[name]

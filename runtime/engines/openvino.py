@@ -95,6 +95,7 @@ class OpenVinoEngine:
             for port in self._model.inputs
         }
         self.input_names = list(self._inputs)
+        self.output_names = [port.get_any_name() for port in self._model.outputs]
         self._shapes: tuple | None = None
         self._request = None
 
