@@ -7,6 +7,7 @@ are computed here with the PyTorch text encoder (transformers' CLIPTextModel) on
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -285,6 +286,14 @@ def test_clip_skip_needs_hidden_states_and_the_norm_file(tiny_onnx, tmp_path):
     no_norm = tmp_path / "no-norm"
     shutil.copytree(tiny_onnx, no_norm)
     (no_norm / "text_encoder" / "final_layer_norm.npz").unlink()
+    # A file the manifest lists is missing: the folder is incomplete, which loading says.
+    with pytest.raises(InputError, match="final_layer_norm.npz: missing"):
+        Pipeline.load(no_norm)
+    # Not listed either (a folder written without it): clip skip 1 works, 2 says what is missing.
+    manifest = json.loads((no_norm / "sdlite.json").read_text())
+    for variant in manifest["components"]["text_encoder"]:
+        variant["files"] = {k: v for k, v in variant["files"].items() if not k.endswith("final_layer_norm.npz")}
+    (no_norm / "sdlite.json").write_text(json.dumps(manifest))
     with pytest.raises(InputError, match="final layer norm"):
         Pipeline.load(no_norm).encode_prompt(["a"], clip_skip=2)
 
