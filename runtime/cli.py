@@ -261,7 +261,7 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
         "--memory-budget",
         type=float,
         metavar="GIB",
-        help="keep loaded parts within this many GiB, releasing the least recently used (default: keep all)",
+        help="keep loaded parts within this many GiB, releasing idle ones, smallest first (default: keep all)",
     )
     parser.add_argument("--vae-tiling", default="auto", choices=TILING_MODES, help="decode big images in tiles")
     parser.add_argument(

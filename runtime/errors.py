@@ -25,6 +25,13 @@ def check_finite(values, stage: str) -> None:
         )
 
 
+def engine_failure(engine: str, graph: object, exc: BaseException) -> SdliteError:
+    """The one-line error for a graph that failed while running (most often an allocation that did not fit)."""
+    text = summarize(exc)
+    hint = "; it ran out of memory: try a smaller size or batch, or --low-memory" if "alloc" in text.lower() else ""
+    return SdliteError(f"{graph}: {engine} failed while running it ({text}){hint}")
+
+
 def summarize(exc: BaseException, limit: int = 200) -> str:
     """The first informative line of a third-party exception, for a one-line error message.
 

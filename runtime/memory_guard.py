@@ -55,6 +55,9 @@ class UNetShape:
 
 
 def _gb(value: float) -> str:
+    for unit, scale in (("PB", 1e15), ("TB", 1e12)):
+        if value >= scale:
+            return f"{value / scale:,.1f} {unit}"
     return f"{value / 1e9:,.1f} GB"
 
 
@@ -119,8 +122,8 @@ class MemoryGuard:
         fits = self._largest_fitting(width, height, batch, guided, decode_pixels, usable)
         hint = f"about {fits[0]}x{fits[1]} fits" if fits else "no size fits"
         raise InputError(
-            f"image size {width}x{height}: needs about {_gb(need)} for {where}, {_gb(max(usable, 0))} of memory is "
-            f"available; {hint} (a smaller batch, --vae-tiling on or a graph converted with --attention sliced "
+            f"image size {width}x{height}: needs about {_gb(need)} for {where}, {_gb(max(usable, 0))} of memory can be "
+            f"used now; {hint} (a smaller batch, --vae-tiling on or a graph converted with --attention sliced "
             "need less)"
         )
 

@@ -2,7 +2,7 @@
 
 A pipeline asks the pool for a part (``get("unet")``) when it needs it and tells it when it is done with it
 (``done("unet")``). The memory policy is a budget in bytes over the parts' resident size: a part stays loaded
-after use while the loaded parts fit the budget, and the least recently used ones are released when a part
+after use while the loaded parts fit the budget, and idle parts are released, smallest first, when a part
 that is needed would not fit beside them. So a second generation in the same process costs only its compute
 whenever the budget holds the pipeline, and a small budget (0: release every part after use) bounds the peak
 to about the largest part instead of their sum.
@@ -180,11 +180,14 @@ class PartPool:
         if self.budget_bytes is None:
             return
         need = self.resident_bytes(part)
-        for other in list(self._loaded):
+        # Smallest first (least recently used among equals): a part's reload costs about its size, and a pipeline
+        # uses its parts in a cycle, where releasing the least recently used would release the one needed next
+        # (with room for the U-Net and one other part, LRU reloads the U-Net every generation).
+        idle = sorted((p for p in self._loaded if p not in self._in_use), key=self.resident_bytes)
+        for other in idle:
             if self._total() + need <= self.budget_bytes:
                 break
-            if other not in self._in_use:
-                self._release(other)
+            self._release(other)
 
     def _release(self, part: str) -> None:
         self._loaded.pop(part).release()

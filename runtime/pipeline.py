@@ -94,8 +94,8 @@ class Pipeline:
     holds one flag per image (``sdlite.results``).
 
     Memory: ``memory_budget`` (GiB) bounds what the loaded parts hold; a part stays loaded between uses
-    while the parts fit, so repeated generations pay only their compute, and the least recently used parts
-    are released when one that is needed would not fit (``sdlite.parts``). ``low_memory`` is a budget of 0:
+    while the parts fit, so repeated generations pay only their compute, and idle parts are released
+    (smallest first) when one that is needed would not fit (``sdlite.parts``). ``low_memory`` is a budget of 0:
     each part (text encoder, U-Net, VAE) is loaded just before it runs and released afterwards, so the peak is
     the largest part rather than their sum. ``embeddings`` is a folder of textual-inversion embeddings that
     prompts can name (``sdlite.embeddings``).

@@ -242,5 +242,5 @@ def test_memory_guard_refuses_fast_with_the_estimate(tmp_path, capsys):
     code = main(["generate", "x", "--size", "16384x16384", "-o", str(tmp_path / "x.png"), "--quiet"])
     elapsed = time.perf_counter() - start
     err = capsys.readouterr().err
-    assert code == 2 and "needs about" in err and "available" in err and "fits" in err, err
+    assert code == 2 and "needs about" in err and "can be used" in err and "fits" in err, err
     assert elapsed < 2.0, elapsed

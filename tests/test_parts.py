@@ -64,19 +64,32 @@ def test_zero_budget_releases_each_part_after_use():
     assert recorder.events == [("before", "load unet"), ("after", "load unet"), ("released", "unet")]
 
 
-def test_budget_releases_least_recently_used_first():
+def test_budget_releases_the_smallest_idle_part_first():
     sizes = {part: _pool(None).resident_bytes(part) for part in ("text_encoder", "unet", "vae_decoder")}
-    # Room for the U-Net and the VAE decoder together, not for the text encoder beside both.
-    pool = _pool(sizes["unet"] + sizes["vae_decoder"] + sizes["text_encoder"] - 1)
+    # Room for any two parts, not for all three.
+    pool = _pool(sum(sizes.values()) - 1)
     for part in ("text_encoder", "unet", "vae_decoder"):
         pool.get(part)
         pool.done(part)
-    assert pool.loaded() == ["unet", "vae_decoder"]
-    pool.get("unet")  # used again: now the most recent
-    pool.done("unet")
-    pool.get("text_encoder")
-    pool.done("text_encoder")
-    assert pool.loaded() == ["unet", "text_encoder"]
+    smallest = min(("text_encoder", "unet"), key=sizes.get)
+    assert smallest not in pool.loaded() and len(pool.loaded()) == 2
+
+
+def test_budget_keeps_the_largest_part_across_generations():
+    # A pipeline uses its parts in a cycle; with room for the largest part and one other, the largest is loaded
+    # once and the small ones take turns (releasing the least recently used would reload every part every time).
+    sizes = {part: _pool(None).resident_bytes(part) for part in ("text_encoder", "unet", "vae_decoder")}
+    largest = max(sizes, key=sizes.get)
+    budget = sizes[largest] + max(size for part, size in sizes.items() if part != largest)
+    pool = _pool(budget)
+    recorder = Recorder()
+    pool.observers.append(recorder)
+    for _ in range(3):
+        for part in ("text_encoder", "unet", "vae_decoder"):
+            pool.get(part)
+            pool.done(part)
+            assert sum(sizes[p] for p in pool.loaded()) <= budget
+    assert recorder.events.count(("before", f"load {largest}")) == 1
 
 
 def test_runs_reach_observers_and_second_generation_loads_nothing():

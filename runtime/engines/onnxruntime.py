@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 
 from sdlite.engines import GraphEdit
-from sdlite.errors import InputError, summarize
+from sdlite.errors import InputError, engine_failure, summarize
 
 _DTYPES = {
     "tensor(float)": np.float32,
@@ -39,6 +39,7 @@ class OnnxRuntimeEngine:
     def __init__(self, path: Path, device: str = "CPU", threads: int | None = None, edit: GraphEdit | None = None):
         if not path.is_file():
             raise InputError(f"{path}: missing ONNX file (the model folder is incomplete; convert again)")
+        self._path = path
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if threads:
@@ -69,7 +70,10 @@ class OnnxRuntimeEngine:
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the session on the graph's declared inputs."""
         feeds = {name: self._fit(name, inputs[name]) for name in self.input_names}
-        outputs = self._session.run(None, feeds)
+        try:
+            outputs = self._session.run(None, feeds)
+        except Exception as exc:  # onnxruntime raises its own types (allocation failures among them)
+            raise engine_failure("onnxruntime", self._path, exc) from None
         return {meta.name: value for meta, value in zip(self._session.get_outputs(), outputs, strict=True)}
 
     def release(self) -> None:

@@ -10,7 +10,7 @@ import openvino as ov
 
 from sdlite.engines import COMPUTE_PRECISIONS, GraphEdit
 from sdlite.engines.mapped_pages import ReleasedWhileRunning
-from sdlite.errors import InputError, summarize
+from sdlite.errors import InputError, engine_failure, summarize
 
 # sdlite's compute names -> OpenVINO's inference precision hint; "auto" keeps the plugin's choice
 # (bf16 on CPUs with AVX512_BF16 or AMX: a full SD 1.5 U-Net step ran about 2x faster than in f32 on a 2-core EPYC).
@@ -149,7 +149,10 @@ class OpenVinoEngine:
         """Run one inference; outputs are copied out of OpenVINO's buffers."""
         feeds = {name: self._fit(name, inputs[name]) for name in self.input_names}
         self._compile_for(feeds)
-        results = self._request.infer(feeds)
+        try:
+            results = self._request.infer(feeds)
+        except RuntimeError as exc:
+            raise engine_failure("OpenVINO", self._path, exc) from None
         return {port.get_any_name(): np.array(value) for port, value in results.items()}
 
     def release(self) -> None:
