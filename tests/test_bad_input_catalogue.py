@@ -244,3 +244,27 @@ def test_memory_guard_refuses_fast_with_the_estimate(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "needs about" in err and "can be used" in err and "fits" in err, err
     assert elapsed < 2.0, elapsed
+
+
+def test_non_finite_latents_are_an_error_naming_the_step(monkeypatch):
+    from sdlite import Pipeline
+    from sdlite.errors import InputError, SdliteError
+
+    pipe = Pipeline.load(default_model_path())
+    real_get = pipe.parts.get
+
+    class BrokenUNet:
+        """The real U-Net whose outputs turn to NaN, as an fp16 overflow would make them."""
+
+        def __init__(self, engine):
+            self.engine, self.input_names, self.output_names = engine, engine.input_names, engine.output_names
+
+        def run(self, inputs):
+            return {name: value * np.nan for name, value in self.engine.run(inputs).items()}
+
+    monkeypatch.setattr(
+        pipe.parts, "get", lambda part: BrokenUNet(real_get(part)) if part == "unet" else real_get(part)
+    )
+    with pytest.raises(SdliteError, match="the U-Net at step 1 of 3 produced non-finite values") as raised:
+        pipe.txt2img("a red circle", steps=3, sampler="Euler", progress=False)
+    assert not isinstance(raised.value, InputError)  # a failure while running: exit code 1
