@@ -73,7 +73,6 @@ LATENT_CHANNELS = 4
 
 # Text-encoder (= U-Net cross-attention) width -> family: SD 2.x conditions on OpenCLIP ViT-H (1024 wide), SD 1.x
 # on CLIP ViT-L (768), and sdlite's toy models, narrower, follow SD 1.x's layout.
-FAMILY_NAMES = {"sd15": "SD 1.x", "sd2": "SD 2.x"}
 _SD2_WIDTH = 1024
 
 
