@@ -28,8 +28,8 @@ def parse_size(text: str) -> tuple[int, int]:
         raise InputError(f"--size {text}: expected WIDTHxHEIGHT, e.g. 512x512") from None
     try:
         check_size(width, height)
-    except InputError:
-        raise InputError(f"--size {text}: width and height must be positive multiples of 8") from None
+    except InputError as exc:
+        raise InputError(f"--size {text}: {str(exc).partition(': ')[2]}") from None
     return width, height
 
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from sdlite import schedulers
 from sdlite.engines import Engine
-from sdlite.errors import InputError, check_finite
+from sdlite.errors import InputError, non_finite
 
 # callback(step, total, latents, denoised): after model evaluation ``step`` (0-based) of ``total``, the current
 # latents and the model's clean-latent estimate at that evaluation (what previews decode).
@@ -140,7 +140,8 @@ def denoise(
         step_noise = draw_noise() if scheduler.stochastic else None
         latents = scheduler.step(output, t, latents, noise=step_noise).astype(np.float32, copy=False)
         # A few thousand values per step: checking costs nothing beside the U-Net and names the step that broke.
-        check_finite(latents, f"the U-Net at step {i + 1} of {total}")
+        if not np.isfinite(latents).all():
+            raise non_finite(f"the U-Net at step {i + 1} of {total}")
         if after_step is not None:
             latents = after_step(start + i, latents)
         if callback is not None:

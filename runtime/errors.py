@@ -1,5 +1,7 @@
 """Errors a user can act on. The CLI prints them as one line, never as a traceback."""
 
+import numpy as np
+
 
 class SdliteError(Exception):
     """A failure while running (exit code 1)."""
@@ -13,16 +15,19 @@ class InputError(SdliteError):
     exit_code = 2
 
 
-def check_finite(values, stage: str) -> None:
-    """Raise an SdliteError naming ``stage`` when ``values`` (a numpy array) hold NaN or infinity: such a result
-    would otherwise become a black or noise image, written as if nothing had happened."""
-    import numpy as np
+def non_finite(stage: str) -> SdliteError:
+    """The error for NaN or infinity in what ``stage`` produced: such a result would otherwise become a black or
+    noise image, written as if nothing had happened."""
+    return SdliteError(
+        f"{stage} produced non-finite values (NaN or infinity); the usual causes are float16 overflow "
+        "(try --compute f32 or an fp32 variant) or a broken converted graph (convert again)"
+    )
 
+
+def check_finite(values: np.ndarray, stage: str) -> None:
+    """Raise :func:`non_finite` for ``stage`` when ``values`` hold NaN or infinity."""
     if not np.isfinite(values).all():
-        raise SdliteError(
-            f"{stage} produced non-finite values (NaN or infinity); the usual causes are float16 overflow "
-            "(try --compute f32 or an fp32 variant) or a broken converted graph (convert again)"
-        )
+        raise non_finite(stage)
 
 
 def engine_failure(engine: str, graph: object, exc: BaseException) -> SdliteError:

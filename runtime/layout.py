@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from sdlite.errors import InputError
+
 MANIFEST_NAME = "sdlite.json"
 MODEL_INDEX = "model_index.json"
 CONFIG_NAME = "config.json"
@@ -52,8 +54,6 @@ PART_OUTPUTS = {
 
 def check_part_graph(part: str, graph: Path, inputs: Sequence[str], outputs: Sequence[str]) -> None:
     """Raise a one-line InputError unless a graph with these input and output names can serve as ``part``."""
-    from sdlite.errors import InputError
-
     wanted_in, wanted_out = PART_INPUTS.get(part), PART_OUTPUTS.get(part)
     if wanted_in is None:
         return

@@ -69,6 +69,8 @@ class MemoryGuard:
     factor: int  # pixels per latent cell along each side
     decoder_width: int  # the VAE decoder's channels at full resolution
     engine: str
+    # Output pixels the VAE decoder works on at once for an image of (width, height): ``LatentCodec.decode_pixels``.
+    decode_pixels: Callable[[int, int], int]
 
     def unet_bytes(self, width: int, height: int, copies: int) -> tuple[float, str]:
         """Bytes of the U-Net's activations for one evaluation, and the level that needs them most."""
@@ -93,13 +95,10 @@ class MemoryGuard:
         """Bytes the VAE decoder holds while it works on ``pixels`` output pixels at once."""
         return DECODER_BYTES_PER_PIXEL * pixels * self.decoder_width / _MEASURED_DECODER_WIDTH
 
-    def estimate(
-        self, width: int, height: int, batch: int, guided: bool, decode_pixels: Callable[[int, int], int]
-    ) -> tuple[float, str]:
-        """(bytes, which stage) of the largest stage of one generation; ``decode_pixels(width, height)`` is how
-        many pixels the decoder works on at once (``sdlite.vae.LatentCodec``)."""
+    def estimate(self, width: int, height: int, batch: int, guided: bool) -> tuple[float, str]:
+        """(bytes, which stage) of the largest stage of one generation."""
         unet, where = self.unet_bytes(width, height, batch * (2 if guided else 1))
-        decoder = self.decoder_bytes(decode_pixels(width, height))
+        decoder = self.decoder_bytes(self.decode_pixels(width, height))
         return (unet, where) if unet >= decoder else (decoder, "the VAE decoder")
 
     def check(
@@ -108,7 +107,6 @@ class MemoryGuard:
         height: int,
         batch: int,
         guided: bool,
-        decode_pixels: Callable[[int, int], int],
         weights_to_load: int = 0,
         available: int | None = None,
     ) -> None:
@@ -116,10 +114,10 @@ class MemoryGuard:
         ``weights_to_load``, bytes of parts still to be loaded), naming the estimate and a size that fits."""
         available = available_memory() if available is None else available
         usable = available * USABLE_SHARE - weights_to_load
-        need, where = self.estimate(width, height, batch, guided, decode_pixels)
+        need, where = self.estimate(width, height, batch, guided)
         if need <= usable:
             return
-        fits = self._largest_fitting(width, height, batch, guided, decode_pixels, usable)
+        fits = self._largest_fitting(width, height, batch, guided, usable)
         hint = f"about {fits[0]}x{fits[1]} fits" if fits else "no size fits"
         raise InputError(
             f"image size {width}x{height}: needs about {_gb(need)} for {where}, {_gb(max(usable, 0))} of memory can be "
@@ -128,14 +126,14 @@ class MemoryGuard:
         )
 
     def _largest_fitting(
-        self, width: int, height: int, batch: int, guided: bool, decode_pixels: Callable[[int, int], int], usable: float
+        self, width: int, height: int, batch: int, guided: bool, usable: float
     ) -> tuple[int, int] | None:
         """The largest size of the same aspect ratio (multiples of 8) whose estimate fits, by bisection."""
         low, high = 0.0, 1.0
         for _ in range(30):
             mid = (low + high) / 2
             w, h = max(8, int(width * mid) // 8 * 8), max(8, int(height * mid) // 8 * 8)
-            if self.estimate(w, h, batch, guided, decode_pixels)[0] <= usable:
+            if self.estimate(w, h, batch, guided)[0] <= usable:
                 low = mid
             else:
                 high = mid

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdlite.errors import InputError
@@ -118,6 +118,7 @@ class ModelFolder:
     path: Path
     manifest: Manifest
     scheduler_config: dict
+    _configs: dict[str, dict] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def open(cls, path: str | Path) -> ModelFolder:
@@ -189,8 +190,10 @@ class ModelFolder:
         return matching[0]
 
     def part_config(self, part: str) -> dict:
-        """The ``config.json`` of ``part`` ({} when the folder has none)."""
-        return _part_config(self.path, part)
+        """The ``config.json`` of ``part`` ({} when the folder has none), read once."""
+        if part not in self._configs:
+            self._configs[part] = _part_config(self.path, part)
+        return self._configs[part]
 
     @property
     def unet_in_channels(self) -> int:

@@ -188,6 +188,7 @@ class Pipeline:
             self.vae.factor,
             int(decoder_widths[0]),
             engine,
+            self.vae.decode_pixels,
         )
         if budget is None:
             for name in resident:
@@ -553,9 +554,7 @@ class Pipeline:
         to_load = max(
             (self.parts.resident_bytes(part) for part in REQUIRED_PARTS if part not in self.parts.loaded()), default=0
         )
-        self.memory_guard.check(
-            request.width, request.height, request.batch, request.guided, self.vae.decode_pixels, to_load
-        )
+        self.memory_guard.check(request.width, request.height, request.batch, request.guided, to_load)
 
     def _finish(
         self,
