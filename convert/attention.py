@@ -68,13 +68,15 @@ class HeadSlicedAttnProcessor:
 
 def set_attention(pipe, variant: str, token_merging: float = 0.0) -> None:
     """Give the U-Net and the VAE the attention processors of ``variant``; with ``token_merging`` > 0, the
-    U-Net's full-resolution self-attentions merge that fraction of their tokens first (ToMe)."""
+    U-Net's full-resolution self-attentions merge that fraction of their tokens first (ToMe). A module the
+    converter has already released (None) is skipped."""
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     processor = {"plain": AttnProcessor, "sliced": HeadSlicedAttnProcessor, "fused": AttnProcessor2_0}[variant]()
-    pipe.unet.set_attn_processor(processor)
-    pipe.vae.set_attn_processor(processor)
-    if token_merging:
+    for module in (pipe.unet, pipe.vae):
+        if module is not None:
+            module.set_attn_processor(processor)
+    if token_merging and pipe.unet is not None:
         apply_token_merging(pipe.unet, token_merging)
 
 

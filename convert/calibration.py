@@ -25,14 +25,18 @@ def calibration_inputs(pipe, quiet: bool = True) -> list[dict[str, np.ndarray]]:
     records: list[dict[str, np.ndarray]] = []
 
     def record(module, args, kwargs):
-        sample, timestep = args[0], args[1]
-        records.append(
-            {
-                "sample": sample.detach().numpy().copy(),
-                "timestep": np.asarray(float(timestep.reshape(-1)[0]), dtype=np.float32),
-                "encoder_hidden_states": kwargs["encoder_hidden_states"].detach().numpy().copy(),
-            }
-        )
+        sample, timestep, context = args[0], args[1], kwargs["encoder_hidden_states"]
+        # One record per image of the guidance batch (unconditional, conditional): the statistics see the
+        # same activations, and NNCF's float32 statistics run holds half the activations at a time (SD 1.5
+        # U-Net at 512x512: 9.0 -> 7.0 GB peak).
+        for index in range(sample.shape[0]):
+            records.append(
+                {
+                    "sample": sample[index : index + 1].detach().numpy().copy(),
+                    "timestep": np.asarray(float(timestep.reshape(-1)[0]), dtype=np.float32),
+                    "encoder_hidden_states": context[index : index + 1].detach().numpy().copy(),
+                }
+            )
 
     handle = pipe.unet.register_forward_pre_hook(record, with_kwargs=True)
     pipe.set_progress_bar_config(disable=quiet)

@@ -4,27 +4,30 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from sdlite.convert.atomic import atomic_output_dir
 from sdlite.convert.attention import ATTENTION_VARIANTS, fuse_onnx_attention, set_attention
 from sdlite.convert.calibration import calibration_inputs
 from sdlite.convert.geglu import split_geglu
+from sdlite.convert.journal import Journal, work_dir
 from sdlite.convert.loading import load_checkpoint, quiet_diffusers
 from sdlite.convert.lora import LoraSpec, fuse_loras
+from sdlite.convert.memory_plan import GB, Step, check_plan, default_budget, step_need
 from sdlite.convert.onnx_export import export_onnx, save_onnx
 from sdlite.convert.parts import final_layer_norm, part_spec, trace_size, vae_scale_factor, validation_size
+from sdlite.convert.phases import PhaseMeter, release_freed_memory
 from sdlite.convert.token_merging import MAX_RATIO
 from sdlite.convert.validate import ValidationError, reference_outputs, validate_graph
-from sdlite.convert.variants import FORMATS, PRECISIONS, derive
-from sdlite.errors import InputError
-from sdlite.hashing import sha256_file
+from sdlite.convert.variants import FORMATS, PRECISIONS, derive, onnx_to_openvino, save_ir
+from sdlite.errors import InputError, SdliteError
 from sdlite.layout import (
     CONFIG_NAME,
     FINAL_NORM_FILE,
+    GRAPH_FILES,
     MODEL_INDEX,
     PARTS,
     SAFETY_CHECKER,
@@ -68,6 +71,8 @@ def _model_index(pipe, feature_extractor=None) -> dict:
 
 
 def _save_configs(pipe, folder: Path, loaded=None) -> None:
+    for part in PARTS:
+        (folder / part).mkdir(parents=True, exist_ok=True)
     pipe.tokenizer.save_pretrained(folder / TOKENIZER_DIR)
     pipe.scheduler.save_pretrained(folder / SCHEDULER_CONFIG.parent)
     pipe.text_encoder.config.to_json_file(folder / "text_encoder" / CONFIG_NAME)
@@ -88,31 +93,253 @@ def _variant_dir(root: Path, part: str, precision: str, precisions: list[str]) -
 
 
 def _openvino_from_torch(spec, module, dummy: dict):
-    """A function returning the part converted to OpenVINO straight from PyTorch (keeps fused SDPA ops)."""
-
-    def build():
-        import openvino as ov
-
-        shapes = [
-            ov.PartialShape([-1 if axis in spec.inputs[name] else dim for axis, dim in enumerate(dummy[name].shape)])
-            for name in spec.inputs
-        ]
-        with torch_no_grad():
-            model = ov.convert_model(module, example_input=tuple(dummy[n] for n in spec.inputs), input=shapes)
-        for port, name in zip(model.inputs, spec.inputs, strict=True):
-            port.get_tensor().set_names({name})
-        for port, name in zip(model.outputs, spec.outputs, strict=True):
-            port.get_tensor().set_names({name})
-        return model
-
-    return build
-
-
-def torch_no_grad():
-    """``torch.no_grad()``, imported late so that this module loads without torch for --help."""
+    """The part converted to an ``ov.Model`` straight from PyTorch (keeps fused SDPA ops)."""
+    import openvino as ov
     import torch
 
-    return torch.no_grad()
+    shapes = [
+        ov.PartialShape([-1 if axis in spec.inputs[name] else dim for axis, dim in enumerate(dummy[name].shape)])
+        for name in spec.inputs
+    ]
+    with torch.no_grad():
+        model = ov.convert_model(module, example_input=tuple(dummy[n] for n in spec.inputs), input=shapes)
+    for port, name in zip(model.inputs, spec.inputs, strict=True):
+        port.get_tensor().set_names({name})
+    for port, name in zip(model.outputs, spec.outputs, strict=True):
+        port.get_tensor().set_names({name})
+    return model
+
+
+@dataclass
+class _Part:
+    """One part to convert: its spec, the object it is exported from, its jobs and attention."""
+
+    spec: object
+    source: object
+    jobs: list[tuple[str, str]]
+    precisions: list[str]
+    attention: str
+    weight_bytes: int
+
+
+@dataclass
+class _Base:
+    """A part's fp32 exports and what its variants are checked against, as files in the work folder."""
+
+    onnx: Path
+    openvino: Path | None
+    check_inputs: dict[str, np.ndarray]
+    reference: list[np.ndarray]
+    calibration: list[dict[str, np.ndarray]] | None
+
+
+def _weight_bytes(module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters()) if module is not None else 0
+
+
+def _save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> Path:
+    np.savez(path, **arrays)
+    return path
+
+
+def _load_calibration(path: Path) -> list[dict[str, np.ndarray]]:
+    with np.load(path) as data:
+        count = len({key.split("/")[0] for key in data.files})
+        return [{key.split("/")[1]: data[key] for key in data.files if key.startswith(f"{i}/")} for i in range(count)]
+
+
+@dataclass
+class _Run:
+    """One conversion in progress: its work folder and journal, its meter, and the choices that shape each step."""
+
+    journal: Journal
+    meter: PhaseMeter
+    units: dict[tuple[str, str, str], float]
+    pipe: object
+    loaded: object
+    formats: list[str]
+    token_merging: float
+    validate: bool
+    quiet: bool
+
+    def export_base(self, name: str, part: _Part, sizes: tuple, calibrate: bool) -> _Base:
+        """The part's fp32 ONNX export (plus the fp32 IR its OpenVINO variants derive from), the PyTorch outputs its
+        variants are validated against and, for a W8A8 U-Net, the calibration samples: exported once, journaled."""
+        journal, meter, pipe, formats = self.journal, self.meter, self.pipe, self.formats
+        root, spec = journal.root, part.spec
+        onnx_dir = (
+            _variant_dir(root, name, "fp32", part.precisions)
+            if "onnx" in formats and "fp32" in part.precisions
+            else root / ".base" / name
+        )
+        ir_dir = root / ".base" / f"{name}-ir"
+        arrays_dir = root / ".base" / f"{name}-arrays"
+        record = journal.finished(f"{name}/base")
+        if record is None:
+            trace, check = sizes
+            module = spec.wrap(part.source)
+            dummy = spec.dummy_inputs(part.source, trace)
+            with meter.phase(name, "fp32", "export"):
+                graph = export_onnx(spec, module, dummy, onnx_dir)[0]
+                if part.attention == "fused" and "onnx" in formats and name == "unet":
+                    # The U-Net holds the big attention layers (the VAE's single mid-block one is left as is).
+                    save_onnx(fuse_onnx_attention(graph, 0, 0), graph)
+                inputs = {k: v.numpy() for k, v in spec.dummy_inputs(part.source, check).items()}
+                reference = reference_outputs(spec, module, spec.dummy_inputs(part.source, check))
+            files = graph_files(graph)
+            if "openvino" in formats:
+                with meter.phase(name, "fp32 openvino", "convert"):
+                    if part.attention == "fused":
+                        model = _openvino_from_torch(spec, module, dummy)
+                    elif part.attention == "sliced":
+                        # OpenVINO runs each attention in its own blocked kernel that never holds the whole score
+                        # tensor, so slicing by head only multiplies those kernels (SD 1.5 W8A8 U-Net at 512x512: 8x
+                        # the kernels, 0.4 GB more, slower): its IR is converted from the plain graph.
+                        set_attention(pipe, "plain", self.token_merging)
+                        plain = export_onnx(spec, module, dummy, root / ".base" / f"{name}-plain")[0]
+                        set_attention(pipe, "sliced", self.token_merging)
+                        model = onnx_to_openvino(plain)
+                    else:
+                        model = onnx_to_openvino(graph)
+                    files += save_ir(model, ir_dir)
+                    del model
+                shutil.rmtree(root / ".base" / f"{name}-plain", ignore_errors=True)
+            del module
+            arrays_dir.mkdir(parents=True, exist_ok=True)
+            check_file = {f"input/{k}": v for k, v in inputs.items()}
+            check_file.update({f"output/{i}": v for i, v in enumerate(reference)})
+            files.append(_save_arrays(arrays_dir / "check.npz", check_file))
+            if calibrate:
+                with meter.phase(name, "w8a8", "calibrate"):
+                    # diffusers' own attention (PyTorch's SDPA, which never holds the score matrix: the full
+                    # SD 1.5 U-Net at 512x512 peaks about 2 GB lower than with the plain processors) and no
+                    # token merging: the samples are what the pipeline feeds its U-Net.
+                    set_attention(pipe, "fused")
+                    samples = calibration_inputs(pipe, self.quiet)
+                    set_attention(pipe, part.attention, self.token_merging)
+                flat = {f"{i}/{k}": v for i, sample in enumerate(samples) for k, v in sample.items()}
+                files.append(_save_arrays(arrays_dir / "calibration.npz", flat))
+            journal.record(f"{name}/base", files)
+        with np.load(arrays_dir / "check.npz") as data:
+            inputs = {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith("input/")}
+            reference = [data[f"output/{i}"] for i in range(len(spec.outputs))]
+        calibration_file = arrays_dir / "calibration.npz"
+        return _Base(
+            onnx=onnx_dir / GRAPH_FILES["onnx"],
+            openvino=ir_dir / GRAPH_FILES["openvino"] if "openvino" in formats else None,
+            check_inputs=inputs,
+            reference=reference,
+            calibration=_load_calibration(calibration_file) if calibrate else None,
+        )
+
+    def run_parts(self, parts: dict[str, _Part]) -> dict:
+        """Run every part's steps (the body of :func:`convert`); returns the manifest's components."""
+        journal, meter, units, pipe = self.journal, self.meter, self.units, self.pipe
+        root = journal.root
+        # Configs first, while every module is still there to describe itself (modules are freed as parts finish).
+        _save_configs(pipe, root, self.loaded)
+        norm = final_layer_norm(pipe)
+        trace, check = trace_size(pipe), validation_size(pipe)
+        # The PyTorch module each part exports from, released once its last part has its exports.
+        last_user = {"text_encoder": "unet", "unet": "unet", "vae": "vae_decoder"}
+        components, failures = {}, []
+        for name, part in parts.items():
+            calibrate = name == "unet" and any(precision == "w8a8" for _, precision in part.jobs)
+            base = self.export_base(name, part, (trace, check), calibrate)
+            meter.advance(units[(name, "fp32", "export")])
+            for module_name, user in last_user.items():
+                if user == name:
+                    setattr(pipe, module_name, None)
+            if name == SAFETY_CHECKER:
+                self.loaded.safety_checker = part.source = None
+            release_freed_memory()
+            variants = []
+            for fmt, precision in part.jobs:
+                label = f"{fmt} {precision}"
+                # Only the U-Net gets int8 activations; the other parts take int8 weights.
+                part_precision = "int8" if precision == "w8a8" and name != "unet" else precision
+                record = journal.finished(f"{name}/{fmt}/{precision}")
+                if record is None:
+                    target_dir = _variant_dir(root, name, precision, part.precisions)
+                    phase = "quantize" if part_precision in ("int8", "w8a8") else "convert"
+                    with meter.phase(name, label, phase):
+                        if fmt == "onnx" and precision == "fp32":
+                            files = graph_files(base.onnx)
+                        else:
+                            source_graph = base.openvino if fmt == "openvino" else base.onnx
+                            calibration = base.calibration if part_precision == "w8a8" else None
+                            files = derive(fmt, part_precision, source_graph, target_dir, calibration, self.quiet)
+                    if name == "text_encoder":
+                        # Clip skip applies the final layer norm to an earlier layer at run time (see
+                        # sdlite.conditioning); each variant folder gets its own copy so it stands alone.
+                        norm_file = files[0].parent / FINAL_NORM_FILE
+                        np.savez(norm_file, **norm)
+                        files = [*files, norm_file]
+                    validation = None
+                    if self.validate:
+                        with meter.phase(name, label, "validate"):
+                            result = validate_graph(
+                                part.spec, files[0], base.check_inputs, base.reference, part_precision, label
+                            )
+                        meter.write(result.describe())
+                        validation = result.to_json()
+                    attention = "plain" if fmt == "openvino" and part.attention == "sliced" else part.attention
+                    record = journal.record(
+                        f"{name}/{fmt}/{precision}",
+                        files,
+                        validation=validation,
+                        attention=attention,
+                        token_merging=self.token_merging if name == "unet" else 0.0,
+                    )
+                if record["validation"] is not None and not record["validation"]["passed"]:
+                    failures.append(f"{name} {label}: out of tolerance ({record['validation']['bound']})")
+                variants.append(
+                    Variant(
+                        format=fmt,
+                        precision=precision,
+                        attention=record["attention"],
+                        files=record["files"],
+                        validation=record["validation"],
+                        token_merging=record["token_merging"],
+                    )
+                )
+                meter.advance(
+                    sum(units.get((name, label, kind), 0) for kind in (_kind(name, fmt, precision), "validate"))
+                )
+                release_freed_memory()
+            components[name] = variants
+        if failures:
+            raise ValidationError("export out of tolerance: " + "; ".join(failures))
+        return components
+
+
+class ConversionStopped(SdliteError):
+    """A conversion stopped before the end; its finished steps are kept for ``--resume``."""
+
+    exit_code = 130
+
+
+def _kind(part: str, fmt: str, precision: str) -> str:
+    """The kind of work (``sdlite.convert.memory_plan.PER_WEIGHT_BYTE``) that makes variant (fmt, precision)."""
+    if fmt == "onnx":
+        return {"fp32": "export", "fp16": "onnx-fp16", "int8": "onnx-int8"}[precision]
+    if precision in ("fp32", "fp16"):
+        return "openvino"
+    return "w8a8" if precision == "w8a8" and part == "unet" else "int8"
+
+
+def _plan(parts: dict[str, _Part], latent_cells: int, validate: bool) -> list[Step]:
+    """Every step of the conversion with its estimated peak (see ``sdlite.convert.memory_plan``)."""
+    steps = []
+    for name, part in parts.items():
+        steps.append(Step(name, "fp32", "export", step_need("export", part.weight_bytes)))
+        for fmt, precision in part.jobs:
+            kind = _kind(name, fmt, precision)
+            cells = latent_cells if kind == "w8a8" else 0
+            steps.append(Step(name, f"{fmt} {precision}", kind, step_need(kind, part.weight_bytes, cells)))
+            if validate:
+                steps.append(Step(name, f"{fmt} {precision}", "validate", step_need("validate", part.weight_bytes)))
+    return steps
 
 
 def convert(
@@ -127,15 +354,22 @@ def convert(
     overwrite: bool = False,
     loras: list[LoraSpec] | None = None,
     token_merging: float = 0.0,
+    memory_budget_gb: float | None = None,
+    resume: bool = False,
+    verbose: bool = False,
 ) -> Manifest:
     """Export every part of ``source`` to ``out`` in each format and precision, validating each against
     PyTorch.
 
-    The folder appears at ``out`` only once complete: it is built in a temporary sibling and renamed.
-    Raises ``ValidationError`` (after checking every variant) when an export is out of tolerance.
-    ``loras`` are fused into the U-Net and text encoder weights first (see ``sdlite.convert.lora``).
-    ``token_merging`` > 0 merges that fraction of the tokens before the U-Net's full-resolution
-    self-attentions (ToMe, see ``sdlite.convert.token_merging``): faster, and a different image.
+    One part at a time, one variant at a time, everything freed between steps, so the peak is the largest
+    step's; a plan whose largest step would not fit ``memory_budget_gb`` (default: the memory free now) is
+    refused before any work. The folder is built in a work folder beside ``out`` and renamed once complete;
+    an interrupted conversion keeps its finished steps there and ``resume`` continues from them
+    (``sdlite.convert.journal``). Raises ``ValidationError`` (after checking every variant) when an export is
+    out of tolerance. ``loras`` are fused into the U-Net and text encoder weights first (see
+    ``sdlite.convert.lora``). ``token_merging`` > 0 merges that fraction of the tokens before the U-Net's
+    full-resolution self-attentions (ToMe, see ``sdlite.convert.token_merging``): faster, and a different
+    image. ``verbose`` prints each phase's seconds and peak memory at the end (otherwise only the largest).
     """
     formats, precisions = formats or ["onnx"], precisions or ["fp32"]
     _check_choice("format", formats, FORMATS)
@@ -145,6 +379,8 @@ def convert(
         raise InputError(f"--token-merging {token_merging}: must be between 0 (off) and {MAX_RATIO}")
     if "w8a8" in precisions and "openvino" not in formats:
         raise InputError("--precision w8a8 quantizes activations with OpenVINO; add --format openvino")
+    if memory_budget_gb is not None and not memory_budget_gb > 0:
+        raise InputError(f"--memory-budget {memory_budget_gb}: must be a number of gigabytes above 0")
     out = Path(out)
     if out.exists() and not overwrite:
         raise InputError(f"{out}: output folder already exists; choose a new path or remove it")
@@ -156,6 +392,7 @@ def convert(
     missing = [str(spec.path) for spec in loras or [] if not spec.path.is_file()]
     if missing:
         raise InputError(f"--lora {missing[0]}: file not found")
+    # Weights are memory-mapped, not read: a part's pages come in when it is exported.
     loaded = load_checkpoint(source, allow_pickle=allow_pickle)
     pipe = loaded.pipe
     lora_records = fuse_loras(pipe, loras or [], allow_pickle=allow_pickle)
@@ -169,94 +406,72 @@ def convert(
         source_sha256=loaded.sha256,
         loras=lora_records,
     )
-    calibration = calibration_inputs(pipe, quiet) if "w8a8" in precisions else None
     set_attention(pipe, attention, token_merging)
     split_geglu(pipe.unet)
-    trace, check = trace_size(pipe), validation_size(pipe)
     jobs = [
         (fmt, precision) for precision in precisions for fmt in formats if not (fmt == "onnx" and precision == "w8a8")
     ]
-    # Per part: the module it is exported from, its (format, precision) jobs, its precisions, its attention.
-    parts = {name: (pipe, jobs, precisions, attention) for name in PARTS}
+    sources = {"text_encoder": pipe.text_encoder, "unet": pipe.unet, "vae_encoder": pipe.vae, "vae_decoder": pipe.vae}
+    parts = {
+        name: _Part(part_spec(name, pipe), pipe, jobs, precisions, attention, _weight_bytes(sources[name]))
+        for name in PARTS
+    }
     if loaded.safety_checker is not None:
         # The safety checker only decides whether to black an image out: it is exported in fp32 only, in
         # each format, so that a reduced precision can never flip its decision near a threshold.
-        parts[SAFETY_CHECKER] = (loaded.safety_checker, [(fmt, "fp32") for fmt in formats], ["fp32"], "plain")
-    failures = []
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        steps = sum(1 + len(part[1]) for part in parts.values())
-        progress = tqdm(total=steps, desc="convert", unit="step", disable=quiet)
-        for name, (source_model, part_jobs, part_precisions, part_attention) in parts.items():
-            spec = part_spec(name, source_model)
-            module = spec.wrap(source_model)
-            progress.set_postfix_str(f"{name} onnx export")
-            exports_onnx_fp32 = "onnx" in formats and "fp32" in part_precisions
-            base_dir = _variant_dir(tmp, name, "fp32", part_precisions) if exports_onnx_fp32 else tmp / ".base" / name
-            dummy = spec.dummy_inputs(source_model, trace)
-            base = export_onnx(spec, module, dummy, base_dir)[0]
-            if attention == "fused" and "onnx" in formats and name == "unet":
-                # The U-Net holds the big attention layers (the VAE's single mid-block one is left as is).
-                save_onnx(fuse_onnx_attention(base, 0, 0), base)
-            openvino_base = base
-            if part_attention == "sliced" and "openvino" in formats:
-                # OpenVINO runs each attention in its own blocked kernel that never holds the whole score
-                # tensor, so slicing by head only multiplies those kernels (SD 1.5 W8A8 U-Net at 512x512: 8x
-                # the kernels, 0.4 GB more, slower; README): its IR is converted from the plain graph.
-                set_attention(pipe, "plain", token_merging)
-                openvino_base = export_onnx(spec, module, dummy, tmp / ".base" / f"{name}-plain")[0]
-                set_attention(pipe, "sliced", token_merging)
-            progress.update()
-            check_inputs = spec.dummy_inputs(source_model, check)
-            reference = reference_outputs(spec, module, check_inputs) if validate else None
-            variants = []
-            for fmt, precision in part_jobs:
-                progress.set_postfix_str(f"{name} {fmt} {precision}")
-                # Only the U-Net gets int8 activations; the other parts take int8 weights.
-                part_precision = "int8" if precision == "w8a8" and name != "unet" else precision
-                target_dir = _variant_dir(tmp, name, precision, part_precisions)
-                if fmt == "onnx" and precision == "fp32":
-                    files = graph_files(base)
-                else:
-                    source_graph = base
-                    if fmt == "openvino":
-                        source_graph = (
-                            _openvino_from_torch(spec, module, dummy) if part_attention == "fused" else openvino_base
-                        )
-                    files = derive(
-                        fmt, part_precision, source_graph, target_dir, calibration if name == "unet" else None
-                    )
-                if name == "text_encoder":
-                    # Clip skip applies the final layer norm to an earlier layer at run time (see
-                    # sdlite.conditioning); each variant folder gets its own copy so it stands alone.
-                    norm_file = files[0].parent / FINAL_NORM_FILE
-                    np.savez(norm_file, **final_layer_norm(pipe))
-                    files = [*files, norm_file]
-                validation = None
-                if validate:
-                    result = validate_graph(
-                        spec, files[0], check_inputs, reference, part_precision, f"{fmt} {precision}"
-                    )
-                    if not quiet:
-                        tqdm.write(result.describe())
-                    validation = result.to_json()
-                    if not result.passed:
-                        failures.append(result.describe())
-                variants.append(
-                    Variant(
-                        format=fmt,
-                        precision=precision,
-                        attention="plain" if fmt == "openvino" and part_attention == "sliced" else part_attention,
-                        files={str(f.relative_to(tmp)): sha256_file(f) for f in files},
-                        validation=validation,
-                        token_merging=token_merging if name == "unet" else 0.0,
-                    )
-                )
-                progress.update()
-            manifest.components[name] = variants
-        progress.close()
-        shutil.rmtree(tmp / ".base", ignore_errors=True)
-        if failures:
-            raise ValidationError("export out of tolerance: " + "; ".join(failures))
-        _save_configs(pipe, tmp, loaded)
-        manifest.write(tmp)
+        checker = loaded.safety_checker
+        parts[SAFETY_CHECKER] = _Part(
+            part_spec(SAFETY_CHECKER, checker),
+            checker,
+            [(fmt, "fp32") for fmt in formats],
+            ["fp32"],
+            "plain",
+            _weight_bytes(checker),
+        )
+    latent_cells = pipe.unet.config.sample_size**2
+    steps = _plan(parts, latent_cells, validate)
+    budget = memory_budget_gb * GB if memory_budget_gb is not None else default_budget()
+    check_plan(steps, budget, given=memory_budget_gb is not None)
+
+    options = {
+        "source": str(Path(source).resolve()) if Path(source).exists() else source,
+        "source_sha256": loaded.sha256,
+        "formats": formats,
+        "precisions": precisions,
+        "attention": attention,
+        "validate": validate,
+        "loras": lora_records,
+        "token_merging": token_merging,
+    }
+    journal = Journal(work_dir(out), options, resume)
+    meter = PhaseMeter(sum(step.need_bytes for step in steps) / GB, quiet)
+    units = {(step.part, step.variant, step.kind): step.need_bytes / GB for step in steps}
+    try:
+        run = _Run(journal, meter, units, pipe, loaded, formats, token_merging, validate, quiet)
+        manifest.components = run.run_parts(parts)
+    except BaseException as exc:
+        meter.close()
+        if isinstance(exc, (InputError, ValidationError)) or not journal.steps:
+            # Nothing worth resuming: the same input fails the same way, or nothing had finished.
+            shutil.rmtree(journal.root, ignore_errors=True)
+            if isinstance(exc, KeyboardInterrupt):
+                raise ConversionStopped("interrupted") from None
+            raise
+        kept = (
+            f"the {len(journal.steps)} finished steps are kept in {journal.root}: run the same command with "
+            "--resume to continue"
+        )
+        if isinstance(exc, KeyboardInterrupt):
+            raise ConversionStopped(f"interrupted; {kept}") from None
+        print(f"sdlite convert: {kept}", file=sys.stderr)
+        raise
+    meter.close()
+    shutil.rmtree(journal.root / ".base", ignore_errors=True)
+    manifest.write(journal.root)
+    journal.forget()
+    if out.exists():
+        shutil.rmtree(out)
+    journal.root.rename(out)
+    if not quiet:
+        print(meter.table() if verbose else meter.summary())
     return manifest

@@ -14,6 +14,7 @@ from sdlite.layout import GRAPH_FILES, ONNX_EXTERNAL_DATA, graph_files
 
 # protobuf cannot hold more than 2 GB in one message: bigger graphs keep their weights in a side file.
 _PROTOBUF_LIMIT = 2**31 - 1
+_ALIGNMENT = 4096
 
 
 def export_onnx(spec: PartSpec, module: torch.nn.Module, dummy: dict[str, torch.Tensor], out_dir: Path) -> list[Path]:
@@ -40,8 +41,37 @@ def export_onnx(spec: PartSpec, module: torch.nn.Module, dummy: dict[str, torch.
                 dynamo=False,
             )
         # Re-save so that a big model has exactly one external-data file (the exporter writes one per
-        # tensor), named as optimum names it.
-        return save_onnx(onnx.load(str(traced), load_external_data=True), out_dir / GRAPH_FILES["onnx"])
+        # tensor), named as optimum names it; the weights are copied file to file, never all held at once.
+        return gather_external_data(traced, out_dir / GRAPH_FILES["onnx"])
+
+
+def gather_external_data(source: Path, target: Path) -> list[Path]:
+    """Save the ONNX file ``source`` as ``target`` with all its external initializers in one external-data file
+    beside it (or none, when ``source`` has none), copying one tensor at a time."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    model = onnx.load(str(source), load_external_data=False)
+    # The exporter writes only initializers as external data.
+    tensors = [t for t in model.graph.initializer if uses_external_data(t)]
+    if not tensors:
+        onnx.save_model(model, str(target))
+        return graph_files(target)
+    with open(target.parent / ONNX_EXTERNAL_DATA, "wb") as data:
+        for tensor in tensors:
+            info = ExternalDataInfo(tensor)
+            with open(source.parent / info.location, "rb") as chunk:
+                chunk.seek(info.offset or 0)
+                payload = chunk.read(info.length) if info.length else chunk.read()
+            # Aligned as onnx aligns tensors it writes itself (lets runtimes map them in place).
+            data.write(b"\0" * (-data.tell() % _ALIGNMENT))
+            offset = data.tell()
+            data.write(payload)
+            del tensor.external_data[:]
+            for key, value in (("location", ONNX_EXTERNAL_DATA), ("offset", offset), ("length", len(payload))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, str(value)
+    onnx.save_model(model, str(target))
+    return graph_files(target)
 
 
 def save_onnx(model, target: Path) -> list[Path]:

@@ -67,7 +67,11 @@ def run_graph(graph: Path, spec: PartSpec, feeds: dict[str, np.ndarray]) -> list
     if graph.suffix == ".xml":
         import openvino as ov
 
-        compiled = ov.Core().compile_model(str(graph), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        from sdlite.engines.mapped_pages import ReleasedWhileRunning
+
+        # The compiled model holds its own copy of the weights: the mapped file's pages are handed back.
+        with ReleasedWhileRunning([graph.parent]):
+            compiled = ov.Core().compile_model(str(graph), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         results = compiled(feeds)
         by_name = {port.get_any_name(): value for port, value in results.items()}
         return [np.asarray(by_name[name]) for name in spec.outputs]
@@ -82,13 +86,13 @@ def run_graph(graph: Path, spec: PartSpec, feeds: dict[str, np.ndarray]) -> list
 def validate_graph(
     spec: PartSpec,
     graph: Path,
-    inputs: dict[str, torch.Tensor],
+    inputs: dict[str, np.ndarray],
     reference: list[np.ndarray],
     precision: str,
     variant: str,
 ) -> Validation:
     """Compare ``graph``'s outputs with the PyTorch ``reference`` under ``precision``'s tolerance."""
-    got = run_graph(graph, spec, {name: inputs[name].numpy() for name in spec.inputs})
+    got = run_graph(graph, spec, {name: inputs[name] for name in spec.inputs})
     diffs, relative, passed = {}, {}, True
     for name, ours, ref in zip(spec.outputs, got, reference, strict=True):
         ours = np.asarray(ours, dtype=np.float32)

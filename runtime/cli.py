@@ -166,6 +166,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         quiet=args.quiet,
         loras=[LoraSpec.parse(text) for text in args.lora],
         token_merging=args.token_merging,
+        memory_budget_gb=args.memory_budget,
+        resume=args.resume,
+        verbose=args.verbose,
     )
     if not args.quiet:
         print(f"wrote {args.out}")
@@ -330,6 +333,16 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument(
         "--lora", action="append", default=[], metavar="FILE[:WEIGHT]", help="fuse a LoRA (repeatable; weight 1)"
     )
+    conv.add_argument(
+        "--memory-budget",
+        type=float,
+        metavar="GB",
+        help="refuse up front a conversion whose largest step needs more (default: the memory free now)",
+    )
+    conv.add_argument(
+        "--resume", action="store_true", help="continue an interrupted conversion into OUT from its finished steps"
+    )
+    conv.add_argument("--verbose", action="store_true", help="print every phase's seconds and peak memory")
     conv.add_argument("--allow-pickle", action="store_true", help="load a pickled .ckpt you trust")
     conv.add_argument("--no-validate", action="store_true")
     conv.add_argument("--quiet", action="store_true")

@@ -75,9 +75,10 @@ def test_unsupported_precision_is_named(tiny_diffusers, tmp_path, capsys):
     assert "fp33" in capsys.readouterr().err
 
 
-def test_interrupted_convert_leaves_nothing(tiny_diffusers, tmp_path):
-    """SIGINT midway: no output folder and no temporary sibling remain."""
+def test_interrupted_convert_leaves_no_output_and_resumes(tiny_diffusers, tmp_path):
+    """SIGINT midway: no output folder, one line saying how to continue, and --resume finishes the folder."""
     out = tmp_path / "out"
+    work = tmp_path / ".out.sdlite-partial"
     proc = subprocess.Popen(
         [sys.executable, "-m", "sdlite", "convert", str(tiny_diffusers), str(out), "--quiet"],
         stdout=subprocess.PIPE,
@@ -87,14 +88,22 @@ def test_interrupted_convert_leaves_nothing(tiny_diffusers, tmp_path):
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 120
-    while time.time() < deadline and not list(tmp_path.glob(".out.tmp-*")):
+    while time.time() < deadline and not (work / "text_encoder" / "model.onnx").exists():
         time.sleep(0.05)
-    assert list(tmp_path.glob(".out.tmp-*")), "conversion never started writing"
+    assert work.exists(), "conversion never started writing"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0, err.decode(errors="replace")[-2000:]
+    err = err.decode(errors="replace")
+    assert proc.returncode == 130, err[-2000:]
     assert not out.exists()
-    assert not list(tmp_path.glob(".out.tmp-*"))
+    assert len(err.strip().splitlines()) == 1 and "--resume" in err, err
+    resumed = subprocess.run(
+        [sys.executable, "-m", "sdlite", "convert", str(tiny_diffusers), str(out), "--quiet", "--resume"],
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert (out / "sdlite.json").is_file() and not work.exists()
 
 
 def test_split_geglu_computes_what_diffusers_geglu_does(tiny_diffusers):
