@@ -16,7 +16,7 @@ from sdlite.convert.geglu import split_geglu
 from sdlite.convert.journal import Journal, work_dir
 from sdlite.convert.loading import load_checkpoint, quiet_diffusers
 from sdlite.convert.lora import LoraSpec, fuse_loras
-from sdlite.convert.memory_plan import GB, Step, check_plan, default_budget, step_need
+from sdlite.convert.memory_plan import GB, Step, check_plan, default_budget, make_step
 from sdlite.convert.onnx_export import export_onnx, save_onnx
 from sdlite.convert.parts import final_layer_norm, part_spec, trace_size, vae_scale_factor, validation_size
 from sdlite.convert.phases import PhaseMeter, release_freed_memory
@@ -128,6 +128,7 @@ class _Base:
 
     onnx: Path
     openvino: Path | None
+    plain_onnx: Path | None
     check_inputs: dict[str, np.ndarray]
     reference: list[np.ndarray]
     calibration: list[dict[str, np.ndarray]] | None
@@ -163,8 +164,9 @@ class _Run:
     quiet: bool
 
     def export_base(self, name: str, part: _Part, sizes: tuple, calibrate: bool) -> _Base:
-        """The part's fp32 ONNX export (plus the fp32 IR its OpenVINO variants derive from), the PyTorch outputs its
-        variants are validated against and, for a W8A8 U-Net, the calibration samples: exported once, journaled."""
+        """The part's fp32 ONNX export (for OpenVINO with fused attention, its IR from PyTorch; with sliced, the
+        plain graph), the PyTorch outputs its variants are validated against and, for a W8A8 U-Net, the
+        calibration samples: exported once, journaled."""
         journal, meter, pipe, formats = self.journal, self.meter, self.pipe, self.formats
         root, spec = journal.root, part.spec
         onnx_dir = (
@@ -173,6 +175,7 @@ class _Run:
             else root / ".base" / name
         )
         ir_dir = root / ".base" / f"{name}-ir"
+        plain_dir = root / ".base" / f"{name}-plain"
         arrays_dir = root / ".base" / f"{name}-arrays"
         record = journal.finished(f"{name}/base")
         if record is None:
@@ -187,23 +190,17 @@ class _Run:
                 inputs = {k: v.numpy() for k, v in spec.dummy_inputs(part.source, check).items()}
                 reference = reference_outputs(spec, module, spec.dummy_inputs(part.source, check))
             files = graph_files(graph)
-            if "openvino" in formats:
+            if "openvino" in formats and part.attention == "fused":
                 with meter.phase(name, "fp32 openvino", "convert"):
-                    if part.attention == "fused":
-                        model = _openvino_from_torch(spec, module, dummy)
-                    elif part.attention == "sliced":
-                        # OpenVINO runs each attention in its own blocked kernel that never holds the whole score
-                        # tensor, so slicing by head only multiplies those kernels (SD 1.5 W8A8 U-Net at 512x512: 8x
-                        # the kernels, 0.4 GB more, slower): its IR is converted from the plain graph.
-                        set_attention(pipe, "plain", self.token_merging)
-                        plain = export_onnx(spec, module, dummy, root / ".base" / f"{name}-plain")[0]
-                        set_attention(pipe, "sliced", self.token_merging)
-                        model = onnx_to_openvino(plain)
-                    else:
-                        model = onnx_to_openvino(graph)
-                    files += save_ir(model, ir_dir)
-                    del model
-                shutil.rmtree(root / ".base" / f"{name}-plain", ignore_errors=True)
+                    files += save_ir(_openvino_from_torch(spec, module, dummy), ir_dir)
+            elif "openvino" in formats and part.attention == "sliced":
+                # OpenVINO runs each attention in its own blocked kernel that never holds the whole score tensor,
+                # so slicing by head only multiplies those kernels (SD 1.5 W8A8 U-Net at 512x512: 8x the kernels,
+                # 0.4 GB more, slower): its IR is converted from the plain graph.
+                with meter.phase(name, "fp32 plain", "export"):
+                    set_attention(pipe, "plain", self.token_merging)
+                    files += export_onnx(spec, module, dummy, plain_dir)
+                    set_attention(pipe, "sliced", self.token_merging)
             del module
             arrays_dir.mkdir(parents=True, exist_ok=True)
             check_file = {f"input/{k}": v for k, v in inputs.items()}
@@ -227,10 +224,25 @@ class _Run:
         return _Base(
             onnx=onnx_dir / GRAPH_FILES["onnx"],
             openvino=ir_dir / GRAPH_FILES["openvino"] if "openvino" in formats else None,
+            plain_onnx=plain_dir / GRAPH_FILES["onnx"]
+            if part.attention == "sliced" and "openvino" in formats
+            else None,
             check_inputs=inputs,
             reference=reference,
             calibration=_load_calibration(calibration_file) if calibrate else None,
         )
+
+    def convert_base_to_openvino(self, name: str, part: _Part, base: _Base) -> None:
+        """Write the fp32 IR the part's OpenVINO variants derive from (journaled), once its PyTorch module has
+        been released: converting the U-Net beside it would add its 3.4 GB of pages to the conversion's peak.
+        (A fused-attention IR comes straight from PyTorch with the export.)"""
+        if part.attention == "fused" or self.journal.finished(f"{name}/ir") is not None:
+            return
+        with self.meter.phase(name, "fp32 openvino", "convert"):
+            model = onnx_to_openvino(base.plain_onnx or base.onnx)
+            files = save_ir(model, base.openvino.parent)
+            del model
+        self.journal.record(f"{name}/ir", files)
 
     def run_parts(self, parts: dict[str, _Part]) -> dict:
         """Run every part's steps (the body of :func:`convert`); returns the manifest's components."""
@@ -246,13 +258,16 @@ class _Run:
         for name, part in parts.items():
             calibrate = name == "unet" and any(precision == "w8a8" for _, precision in part.jobs)
             base = self.export_base(name, part, (trace, check), calibrate)
-            meter.advance(units[(name, "fp32", "export")])
+            meter.advance(units[(name, "fp32", "export")] + units.get((name, "w8a8", "calibrate"), 0))
             for module_name, user in last_user.items():
                 if user == name:
                     setattr(pipe, module_name, None)
             if name == SAFETY_CHECKER:
                 self.loaded.safety_checker = part.source = None
             release_freed_memory()
+            if base.openvino is not None:
+                self.convert_base_to_openvino(name, part, base)
+                meter.advance(units[(name, "fp32 openvino", "openvino")])
             variants = []
             for fmt, precision in part.jobs:
                 label = f"{fmt} {precision}"
@@ -320,25 +335,32 @@ class ConversionStopped(SdliteError):
 
 
 def _kind(part: str, fmt: str, precision: str) -> str:
-    """The kind of work (``sdlite.convert.memory_plan.PER_WEIGHT_BYTE``) that makes variant (fmt, precision)."""
+    """The kind of work (``sdlite.convert.memory_plan.STEP_COST``) that makes variant (fmt, precision) from the
+    part's fp32 exports."""
+    if precision == "fp32":
+        return "link"
     if fmt == "onnx":
-        return {"fp32": "export", "fp16": "onnx-fp16", "int8": "onnx-int8"}[precision]
-    if precision in ("fp32", "fp16"):
+        return f"onnx-{precision}"
+    if precision == "fp16":
         return "openvino"
     return "w8a8" if precision == "w8a8" and part == "unet" else "int8"
 
 
-def _plan(parts: dict[str, _Part], latent_cells: int, validate: bool) -> list[Step]:
-    """Every step of the conversion with its estimated peak (see ``sdlite.convert.memory_plan``)."""
+def _plan(parts: dict[str, _Part], formats: list[str], latent_cells: int, validate: bool) -> list[Step]:
+    """Every step of the conversion with its estimated peak and time (see ``sdlite.convert.memory_plan``)."""
     steps = []
     for name, part in parts.items():
-        steps.append(Step(name, "fp32", "export", step_need("export", part.weight_bytes)))
+        w = part.weight_bytes
+        steps.append(make_step(name, "fp32", "export", w))
+        if name == "unet" and any(precision == "w8a8" for _, precision in part.jobs):
+            steps.append(make_step(name, "w8a8", "calibrate", w, latent_cells))
+        if "openvino" in formats:
+            steps.append(make_step(name, "fp32 openvino", "openvino", w))
         for fmt, precision in part.jobs:
-            kind = _kind(name, fmt, precision)
-            cells = latent_cells if kind == "w8a8" else 0
-            steps.append(Step(name, f"{fmt} {precision}", kind, step_need(kind, part.weight_bytes, cells)))
+            label = f"{fmt} {precision}"
+            steps.append(make_step(name, label, _kind(name, fmt, precision), w, latent_cells))
             if validate:
-                steps.append(Step(name, f"{fmt} {precision}", "validate", step_need("validate", part.weight_bytes)))
+                steps.append(make_step(name, label, "validate", w))
     return steps
 
 
@@ -411,11 +433,9 @@ def convert(
     jobs = [
         (fmt, precision) for precision in precisions for fmt in formats if not (fmt == "onnx" and precision == "w8a8")
     ]
-    sources = {"text_encoder": pipe.text_encoder, "unet": pipe.unet, "vae_encoder": pipe.vae, "vae_decoder": pipe.vae}
-    parts = {
-        name: _Part(part_spec(name, pipe), pipe, jobs, precisions, attention, _weight_bytes(sources[name]))
-        for name in PARTS
-    }
+    # Sizes only: a reference to a module here would keep it loaded after its part is done.
+    weights = {name: _weight_bytes(getattr(pipe, "vae" if name.startswith("vae") else name)) for name in PARTS}
+    parts = {name: _Part(part_spec(name, pipe), pipe, jobs, precisions, attention, weights[name]) for name in PARTS}
     if loaded.safety_checker is not None:
         # The safety checker only decides whether to black an image out: it is exported in fp32 only, in
         # each format, so that a reduced precision can never flip its decision near a threshold.
@@ -429,7 +449,7 @@ def convert(
             _weight_bytes(checker),
         )
     latent_cells = pipe.unet.config.sample_size**2
-    steps = _plan(parts, latent_cells, validate)
+    steps = _plan(parts, formats, latent_cells, validate)
     budget = memory_budget_gb * GB if memory_budget_gb is not None else default_budget()
     check_plan(steps, budget, given=memory_budget_gb is not None)
 
@@ -444,8 +464,8 @@ def convert(
         "token_merging": token_merging,
     }
     journal = Journal(work_dir(out), options, resume)
-    meter = PhaseMeter(sum(step.need_bytes for step in steps) / GB, quiet)
-    units = {(step.part, step.variant, step.kind): step.need_bytes / GB for step in steps}
+    meter = PhaseMeter(sum(step.seconds for step in steps), quiet)
+    units = {(step.part, step.variant, step.kind): step.seconds for step in steps}
     try:
         run = _Run(journal, meter, units, pipe, loaded, formats, token_merging, validate, quiet)
         manifest.components = run.run_parts(parts)

@@ -1,12 +1,12 @@
 """How much memory each step of a conversion needs, and the check that the whole plan fits a budget.
 
 A conversion runs one step at a time (one part's export, then each of its variants) and frees everything
-between steps, so its peak is the largest step's. Each step's need is estimated from the part's float32
-weight bytes ``W`` before any work starts, from peaks measured on the full SD 1.5 parts (``W`` = 3.44 GB for
-the U-Net; docs/memory.md): the export holds the module's weights and traces; converting to OpenVINO IR or
-quantizing holds the graph's weights about twice (the read graph and the written one); validating holds the
-compiled graph; W8A8 calibration also runs the float32 graph on calibration samples, whose activations grow
-with the latent area. A fixed term covers the libraries (torch, OpenVINO, onnxruntime, NNCF).
+between steps, so its peak is the largest step's. Each step's peak and time are estimated from the part's
+float32 weight bytes ``W`` before any work starts, fitted to what the full SD 1.5 parts measured: the export
+holds the module's weights and traces; converting or quantizing holds the graph's weights about once or twice
+(the one read and the one written); validating holds the compiled graph; W8A8 calibration also runs the float32
+U-Net on calibration samples, whose activations grow with the latent area. The times weigh the progress bar's
+ETA.
 """
 
 from __future__ import annotations
@@ -17,41 +17,59 @@ from dataclasses import dataclass
 from sdlite.errors import InputError
 
 GB = 1e9
-# Resident memory of the converter's libraries before any weights are read.
-LIBRARIES_BYTES = 0.9 * GB
-# Peak of each kind of step per float32 weight byte of the part (over the libraries' share).
-PER_WEIGHT_BYTE = {
-    "export": 1.1,
-    "calibrate": 1.2,
-    "openvino": 1.1,
-    "onnx-fp16": 1.6,
-    "onnx-int8": 1.6,
-    "int8": 1.1,
-    "w8a8": 1.2,
-    "validate": 1.2,
+# Resident memory of the converter's libraries (torch, diffusers, OpenVINO, onnxruntime) before any weights.
+LIBRARIES_BYTES = 1.1 * GB
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """What one kind of step costs: peak bytes ``fixed + per_weight_byte * W`` and ``seconds_per_gb * W / GB``
+    seconds, for a part of ``W`` float32 weight bytes; W8A8 steps add their activations and time per latent
+    cell of the calibration samples."""
+
+    per_weight_byte: float
+    fixed_bytes: float
+    seconds_per_gb: float
+    bytes_per_cell: float = 0.0
+    seconds_per_gb_cell: float = 0.0
+
+
+# Fitted to the full SD 1.5 parts (text encoder W = 0.49 GB, U-Net 3.44 GB, VAE 0.33 GB) converted on a 2-core
+# CPU (docs/memory.md), rounded up.
+STEP_COST = {
+    "export": StepCost(1.3, 1.0 * GB, 10),
+    "calibrate": StepCost(1.3, 1.0 * GB, 0, bytes_per_cell=0.3e6, seconds_per_gb_cell=0.011),
+    "openvino": StepCost(1.3, 0.5 * GB, 3),
+    "link": StepCost(0.0, 0.0, 0),
+    "onnx-fp16": StepCost(2.6, 0.5 * GB, 10),
+    "onnx-int8": StepCost(2.2, 0.5 * GB, 8),
+    "int8": StepCost(0.5, 0.5 * GB, 5),
+    "w8a8": StepCost(1.3, 0.5 * GB, 0, bytes_per_cell=0.5e6, seconds_per_gb_cell=0.03),
+    "validate": StepCost(1.8, 0.5 * GB, 3),
 }
-# W8A8 calibration's activations per latent cell of one calibration sample (SD 1.5 U-Net, batch 1).
-W8A8_BYTES_PER_LATENT_CELL = 0.45e6
 # Memory the converter leaves to the rest of the machine when no budget is given.
 HEADROOM = 0.9
 
 
 @dataclass(frozen=True)
 class Step:
-    """One step of a conversion and its estimated peak."""
+    """One step of a conversion with its estimated peak and seconds."""
 
     part: str
     variant: str
     kind: str
     need_bytes: float
+    seconds: float
 
 
-def step_need(kind: str, weight_bytes: int, latent_cells: int = 0) -> float:
-    """Estimated peak resident bytes of a step of ``kind`` on a part of ``weight_bytes`` float32 weights."""
-    need = LIBRARIES_BYTES + PER_WEIGHT_BYTE[kind] * weight_bytes
-    if kind == "w8a8":
-        need += W8A8_BYTES_PER_LATENT_CELL * latent_cells
-    return need
+def make_step(part: str, variant: str, kind: str, weight_bytes: int, latent_cells: int = 0) -> Step:
+    """The step of ``kind`` on a part of ``weight_bytes`` float32 weights (``latent_cells``: the calibration
+    samples' latent area, for W8A8 steps)."""
+    cost = STEP_COST[kind]
+    gb = weight_bytes / GB
+    need = LIBRARIES_BYTES + cost.fixed_bytes + cost.per_weight_byte * weight_bytes + cost.bytes_per_cell * latent_cells
+    seconds = cost.seconds_per_gb * gb + cost.seconds_per_gb_cell * gb * latent_cells
+    return Step(part, variant, kind, need, max(seconds, 0.1))
 
 
 def available_bytes() -> int | None:

@@ -1,7 +1,8 @@
 """The phases of a conversion: progress with part, variant, phase and ETA, and each phase's time and peak memory.
 
-Each phase's peak is the process's resident-set high-water mark over that phase alone (Linux lets a process
-reset its mark by writing 5 to ``/proc/self/clear_refs``); elsewhere the peak is the process's so far.
+Each phase's peak is the largest resident set seen over that phase by a side thread that reads it every
+``SAMPLE_INTERVAL_S`` (the process's own high-water mark is left alone, so ``/usr/bin/time`` still reports the
+whole conversion's peak).
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ import contextlib
 import gc
 import resource
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-PHASES = ("export", "calibrate", "convert", "quantize", "validate")
+SAMPLE_INTERVAL_S = 0.05
 
 
 @dataclass
@@ -30,21 +32,32 @@ class PhaseFigure:
     peak_bytes: int
 
 
-def _reset_peak() -> None:
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")
+def resident_bytes() -> int:
+    """The process's resident set now (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return 0
 
 
-def peak_rss_bytes() -> int:
-    """The resident-set high-water mark since the last reset (or since the process started)."""
-    if sys.platform.startswith("linux"):
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+class _PeakSampler:
+    """Tracks the largest resident set while a block runs."""
+
+    def __init__(self) -> None:
+        self.peak = resident_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="sdlite-phase-peak", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(SAMPLE_INTERVAL_S):
+            self.peak = max(self.peak, resident_bytes())
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, resident_bytes())
 
 
 def release_freed_memory() -> None:
@@ -60,29 +73,30 @@ def release_freed_memory() -> None:
 class PhaseMeter:
     """A progress bar over the conversion's work units and a record of every phase.
 
-    ``total`` is in work units (an estimate of each step's cost, so that the ETA weighs a U-Net
-    quantization above a VAE export); :meth:`phase` names what runs, :meth:`advance` moves the bar."""
+    ``total`` is the estimated seconds of all steps (so that the ETA weighs a U-Net quantization above a VAE
+    export); :meth:`phase` names what runs, :meth:`advance` moves the bar by a finished step's estimate."""
 
     def __init__(self, total: float, quiet: bool):
         self.figures: list[PhaseFigure] = []
         self.quiet = quiet
-        self._bar = tqdm(
-            total=round(total, 1), desc="convert", unit="u", disable=quiet, bar_format=_BAR_FORMAT, leave=True
-        )
+        self._bar = tqdm(total=total, desc="convert", unit="s", disable=quiet, bar_format=_BAR_FORMAT, leave=True)
 
     @contextlib.contextmanager
     def phase(self, part: str, variant: str, phase: str) -> Iterator[None]:
         """Measure one phase (time, peak memory) and show it on the progress bar."""
         self._bar.set_description_str(f"convert {part} {variant}: {phase}")
         release_freed_memory()
-        _reset_peak()
+        sampler = _PeakSampler()
         start = time.perf_counter()
-        yield
-        self.figures.append(PhaseFigure(part, variant, phase, time.perf_counter() - start, peak_rss_bytes()))
+        try:
+            yield
+        finally:
+            peak = sampler.stop()
+        self.figures.append(PhaseFigure(part, variant, phase, time.perf_counter() - start, peak))
 
     def advance(self, units: float) -> None:
         """Count ``units`` of work done."""
-        self._bar.update(round(units, 1))
+        self._bar.update(max(0.0, min(units, self._bar.total - self._bar.n)))
 
     def write(self, line: str) -> None:
         """Print a line above the progress bar (nothing with ``quiet``)."""

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from sdlite.convert.journal import JOURNAL, Journal, work_dir
-from sdlite.convert.memory_plan import GB, Step, check_plan, step_need
+from sdlite.convert.memory_plan import GB, check_plan, make_step
 from sdlite.errors import InputError
 
 OPTIONS = {"source": "/m", "formats": ["onnx"], "precisions": ["fp32"]}
@@ -53,8 +53,8 @@ def test_resume_with_other_options_is_refused(tmp_path):
 
 def test_plan_that_fits_passes_and_one_that_does_not_is_refused():
     steps = [
-        Step("text_encoder", "onnx fp32", "export", step_need("export", int(0.5 * GB))),
-        Step("unet", "openvino w8a8", "w8a8", step_need("w8a8", int(3.4 * GB), latent_cells=64 * 64)),
+        make_step("text_encoder", "fp32", "export", int(0.5 * GB)),
+        make_step("unet", "openvino w8a8", "w8a8", int(3.4 * GB), latent_cells=64 * 64),
     ]
     largest = max(step.need_bytes for step in steps)
     check_plan(steps, largest, given=True)
