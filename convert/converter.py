@@ -83,6 +83,7 @@ def _save_configs(pipe, folder: Path, loaded=None) -> None:
     if feature_extractor is not None:
         # The runtime's preprocessing for the safety checker reads preprocessor_config.json (sdlite.safety).
         feature_extractor.save_pretrained(folder / "feature_extractor")
+        (folder / SAFETY_CHECKER).mkdir(exist_ok=True)
         loaded.safety_checker.config.to_json_file(folder / SAFETY_CHECKER / CONFIG_NAME)
     (folder / MODEL_INDEX).write_text(json.dumps(_model_index(pipe, feature_extractor), indent=2) + "\n")
 

@@ -11,10 +11,10 @@ ETA.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from sdlite.errors import InputError
+from sdlite.vae import available_memory
 
 GB = 1e9
 # Resident memory of the converter's libraries (torch, diffusers, OpenVINO, onnxruntime) before any weights.
@@ -42,10 +42,10 @@ STEP_COST = {
     "openvino": StepCost(1.3, 0.5 * GB, 3),
     "link": StepCost(0.0, 0.0, 0),
     "onnx-fp16": StepCost(2.6, 0.5 * GB, 10),
-    "onnx-int8": StepCost(2.2, 0.5 * GB, 8),
+    "onnx-int8": StepCost(3.0, 0.5 * GB, 8),
     "int8": StepCost(0.5, 0.5 * GB, 5),
     "w8a8": StepCost(1.3, 0.5 * GB, 0, bytes_per_cell=0.5e6, seconds_per_gb_cell=0.03),
-    "validate": StepCost(1.8, 0.5 * GB, 3),
+    "validate": StepCost(2.0, 0.5 * GB, 3),
 }
 # Memory the converter leaves to the rest of the machine when no budget is given.
 HEADROOM = 0.9
@@ -72,25 +72,9 @@ def make_step(part: str, variant: str, kind: str, weight_bytes: int, latent_cell
     return Step(part, variant, kind, need, max(seconds, 0.1))
 
 
-def available_bytes() -> int | None:
-    """Memory the system can give now (Linux ``MemAvailable``), or None where it is not known."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def default_budget() -> float | None:
+def default_budget() -> float:
     """The budget when none is given: what the machine has free now, less headroom."""
-    free = available_bytes()
-    return None if free is None else HEADROOM * free
+    return HEADROOM * available_memory()
 
 
 def check_plan(steps: list[Step], budget_bytes: float | None, given: bool) -> None:
