@@ -19,7 +19,7 @@ from sdlite.convert.lora import LoraSpec, fuse_loras
 from sdlite.convert.memory_plan import GB, Step, check_plan, default_budget, make_step
 from sdlite.convert.onnx_export import export_onnx, save_onnx
 from sdlite.convert.parts import final_layer_norm, part_spec, trace_size, vae_scale_factor, validation_size
-from sdlite.convert.phases import PhaseMeter, release_freed_memory
+from sdlite.convert.phases import PhaseMeter
 from sdlite.convert.token_merging import MAX_RATIO
 from sdlite.convert.validate import ValidationError, reference_outputs, validate_graph
 from sdlite.convert.variants import FORMATS, PRECISIONS, derive, onnx_to_openvino, save_ir
@@ -136,7 +136,17 @@ class _Base:
 
 
 def _weight_bytes(module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters()) if module is not None else 0
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def _part_precision(part: str, precision: str) -> str:
+    """Only the U-Net gets int8 activations; for the other parts ``w8a8`` means int8 weights."""
+    return "int8" if precision == "w8a8" and part != "unet" else precision
+
+
+def _calibrates(name: str, part: _Part) -> bool:
+    """Whether the part needs W8A8 calibration samples."""
+    return any(_part_precision(name, precision) == "w8a8" for _, precision in part.jobs)
 
 
 def _save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> Path:
@@ -188,8 +198,9 @@ class _Run:
                 if part.attention == "fused" and "onnx" in formats and name == "unet":
                     # The U-Net holds the big attention layers (the VAE's single mid-block one is left as is).
                     save_onnx(fuse_onnx_attention(graph, 0, 0), graph)
-                inputs = {k: v.numpy() for k, v in spec.dummy_inputs(part.source, check).items()}
-                reference = reference_outputs(spec, module, spec.dummy_inputs(part.source, check))
+                check_inputs = spec.dummy_inputs(part.source, check)
+                inputs = {k: v.numpy() for k, v in check_inputs.items()}
+                reference = reference_outputs(spec, module, check_inputs)
             files = graph_files(graph)
             if "openvino" in formats and part.attention == "fused":
                 with meter.phase(name, "fp32 openvino", "convert"):
@@ -257,23 +268,20 @@ class _Run:
         last_user = {"text_encoder": "unet", "unet": "unet", "vae": "vae_decoder"}
         components, failures = {}, []
         for name, part in parts.items():
-            calibrate = name == "unet" and any(precision == "w8a8" for _, precision in part.jobs)
-            base = self.export_base(name, part, (trace, check), calibrate)
+            base = self.export_base(name, part, (trace, check), _calibrates(name, part))
             meter.advance(units[(name, "fp32", "export")] + units.get((name, "w8a8", "calibrate"), 0))
             for module_name, user in last_user.items():
                 if user == name:
                     setattr(pipe, module_name, None)
             if name == SAFETY_CHECKER:
                 self.loaded.safety_checker = part.source = None
-            release_freed_memory()
             if base.openvino is not None:
                 self.convert_base_to_openvino(name, part, base)
                 meter.advance(units[(name, "fp32 openvino", "openvino")])
             variants = []
             for fmt, precision in part.jobs:
                 label = f"{fmt} {precision}"
-                # Only the U-Net gets int8 activations; the other parts take int8 weights.
-                part_precision = "int8" if precision == "w8a8" and name != "unet" else precision
+                part_precision = _part_precision(name, precision)
                 record = journal.finished(f"{name}/{fmt}/{precision}")
                 if record is None:
                     target_dir = _variant_dir(root, name, precision, part.precisions)
@@ -322,7 +330,6 @@ class _Run:
                 meter.advance(
                     sum(units.get((name, label, kind), 0) for kind in (_kind(name, fmt, precision), "validate"))
                 )
-                release_freed_memory()
             components[name] = variants
         if failures:
             raise ValidationError("export out of tolerance: " + "; ".join(failures))
@@ -342,9 +349,7 @@ def _kind(part: str, fmt: str, precision: str) -> str:
         return "link"
     if fmt == "onnx":
         return f"onnx-{precision}"
-    if precision == "fp16":
-        return "openvino"
-    return "w8a8" if precision == "w8a8" and part == "unet" else "int8"
+    return "openvino" if precision == "fp16" else _part_precision(part, precision)
 
 
 def _plan(parts: dict[str, _Part], formats: list[str], latent_cells: int, validate: bool) -> list[Step]:
@@ -353,7 +358,7 @@ def _plan(parts: dict[str, _Part], formats: list[str], latent_cells: int, valida
     for name, part in parts.items():
         w = part.weight_bytes
         steps.append(make_step(name, "fp32", "export", w))
-        if name == "unet" and any(precision == "w8a8" for _, precision in part.jobs):
+        if _calibrates(name, part):
             steps.append(make_step(name, "w8a8", "calibrate", w, latent_cells))
         if "openvino" in formats:
             steps.append(make_step(name, "fp32 openvino", "openvino", w))

@@ -37,6 +37,9 @@ class Journal:
             shutil.rmtree(root)
         root.mkdir(parents=True, exist_ok=True)
         self.steps: dict[str, dict] = {}
+        # sha256 by (inode, size, mtime): the fp32 variants are the base exports themselves (the same files, or
+        # hard links to them), and the U-Net's are 3.4 GB: each is hashed once.
+        self._digests: dict[tuple[int, int, int], str] = {}
         if path.is_file():
             try:
                 state = json.loads(path.read_text())
@@ -57,17 +60,24 @@ class Journal:
             return None
         for name, digest in record["files"].items():
             path = self.root / name
-            if not path.is_file() or sha256_file(path) != digest:
+            if not path.is_file() or self._sha256(path) != digest:
                 del self.steps[step]
                 return None
         return record
 
     def record(self, step: str, files: list[Path], **details) -> dict:
         """Mark ``step`` finished, having written ``files`` (inside the work folder); ``details`` are kept with it."""
-        record = {"files": {str(f.relative_to(self.root)): sha256_file(f) for f in files}, **details}
+        record = {"files": {str(f.relative_to(self.root)): self._sha256(f) for f in files}, **details}
         self.steps[step] = record
         self._write()
         return record
+
+    def _sha256(self, path: Path) -> str:
+        stat = path.stat()
+        key = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if key not in self._digests:
+            self._digests[key] = sha256_file(path)
+        return self._digests[key]
 
     def forget(self) -> None:
         """Drop the journal file (the work folder is about to become the output)."""
