@@ -282,6 +282,77 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=cmd_generate)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the HTTP server until interrupted."""
+    from sdlite.server import serve
+    from sdlite.server.generation import Limits
+
+    if not 0 <= args.port <= 65535:
+        raise InputError(f"--port {args.port}: must be from 0 to 65535")
+    for name in ("max_queue", "max_images", "max_side"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if args.preview_every < 0:
+        raise InputError(f"--preview-every {args.preview_every}: must be 0 (no previews) or more")
+    models = [Path(m) for m in args.model or []]
+    if not models and args.models is None:
+        models = [_default_model()]
+    serve(
+        models,
+        Path(args.models) if args.models else None,
+        host=args.host,
+        port=args.port,
+        load_options=dict(
+            engine=args.engine,
+            device=args.device,
+            precision=args.precision,
+            low_memory=args.low_memory,
+            memory_budget=args.memory_budget,
+            compute=args.compute,
+            safety_checker=not args.no_safety_checker,
+            embeddings=args.embeddings,
+        ),
+        quiet=args.quiet,
+        token=args.token or os.environ.get("SDLITE_TOKEN") or None,
+        limits=Limits(max_side=args.max_side, max_images=args.max_images),
+        max_queue=args.max_queue,
+        preview_every=args.preview_every,
+        outdir=Path(args.outdir),
+    )
+    return 0
+
+
+def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from sdlite.engines import COMPUTE_PRECISIONS, ENGINES
+
+    parser.add_argument(
+        "-m", "--model", action="append", help="converted-model folder; repeat for several (default: the packaged one)"
+    )
+    parser.add_argument("--models", metavar="DIR", help="also offer every converted-model folder in DIR")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument(
+        "--token", help="require this token (Bearer, or Basic user:password as A1111's --api-auth); or SDLITE_TOKEN"
+    )
+    parser.add_argument("--engine", default="onnx", choices=ENGINES, help="onnx (onnxruntime) or openvino")
+    parser.add_argument("--device", default="CPU", help="CPU, GPU, NPU or AUTO (what the engine sees here)")
+    parser.add_argument("--compute", default="auto", choices=COMPUTE_PRECISIONS, help="arithmetic precision")
+    parser.add_argument("--precision", help="weight precision variant to run (default: the first held)")
+    parser.add_argument("--low-memory", action="store_true", help="load one part at a time (a memory budget of 0)")
+    parser.add_argument("--memory-budget", type=float, metavar="GIB", help="keep loaded parts within this many GiB")
+    parser.add_argument("--embeddings", metavar="DIR", help="folder of textual-inversion embeddings")
+    parser.add_argument("--no-safety-checker", action="store_true", help="do not run the model's safety checker")
+    parser.add_argument("--max-queue", type=int, default=64, help="jobs that may wait; more get HTTP 503")
+    parser.add_argument("--max-images", type=int, default=16, help="images one request may ask for")
+    parser.add_argument("--max-side", type=int, default=2048, help="largest width or height a request may ask for")
+    parser.add_argument(
+        "--preview-every", type=int, default=5, metavar="N", help="render a progress preview every N steps (0: none)"
+    )
+    parser.add_argument("--outdir", default="outputs", help="where images go when a request asks to save them")
+    parser.add_argument("--quiet", action="store_true", help="log only warnings")
+    parser.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     from sdlite import __version__
@@ -314,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--image", required=True, help="input image (sides multiples of 8)")
     out.add_argument("--extend", type=parse_extend, required=True, help="LEFT,TOP,RIGHT,BOTTOM pixels")
     out.add_argument("--mask-blur", type=int, default=8)
+
+    srv = sub.add_parser("serve", help="HTTP server: A1111 and OpenAI APIs and a web page (needs sdlite[serve])")
+    _add_serve_arguments(srv)
 
     conv = sub.add_parser("convert", help="export a checkpoint to a converted-model folder (needs sdlite[convert])")
     conv.add_argument("source", help="diffusers folder, .safetensors file or hub id")

@@ -24,8 +24,9 @@ from sdlite.engines import Engine
 from sdlite.errors import InputError, non_finite
 
 # callback(step, total, latents, denoised): after model evaluation ``step`` (0-based) of ``total``, the current
-# latents and the model's clean-latent estimate at that evaluation (what previews decode).
-StepCallback = Callable[[int, int, np.ndarray, np.ndarray], None]
+# latents and the model's clean-latent estimate at that evaluation (what previews decode). A callback that
+# returns True stops the loop there: the image is then made from that clean-latent estimate (an interrupt).
+StepCallback = Callable[[int, int, np.ndarray, np.ndarray], bool | None]
 
 
 def steps_to_run(steps: int, strength: float) -> int:
@@ -130,7 +131,7 @@ def denoise(
 
     ``draw_noise`` gives the fresh noise a stochastic sampler adds at each evaluation; ``after_step(entry,
     latents)`` may change the latents after the evaluation at schedule entry ``entry`` (inpainting with a regular
-    U-Net blends the kept area back)."""
+    U-Net blends the kept area back). ``callback`` may stop the loop early (see :data:`StepCallback`)."""
     scheduler.begin(start)
     timesteps = np.asarray(scheduler.timesteps)[start:]
     total = len(timesteps)
@@ -145,5 +146,7 @@ def denoise(
         if after_step is not None:
             latents = after_step(start + i, latents)
         if callback is not None:
-            callback(i, total, latents, predicted_x0(scheduler, sigmas, scaled, output, t))
+            denoised = predicted_x0(scheduler, sigmas, scaled, output, t)
+            if callback(i, total, latents, denoised):
+                return denoised.astype(np.float32, copy=False)
     return latents

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -31,18 +32,29 @@ def check_output_path(path: str | Path) -> Path:
     return path
 
 
+def _png_text(image: Image.Image) -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    if INFOTEXT_KEY in image.info:
+        info.add_text(INFOTEXT_KEY, image.info[INFOTEXT_KEY])
+    return info
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """``image`` encoded as PNG, with its ``info["parameters"]`` infotext in a text chunk."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=_png_text(image))
+    return buffer.getvalue()
+
+
 def save_png(image: Image.Image, path: str | Path) -> Path:
     """Write ``image`` as PNG, with its ``info["parameters"]`` infotext in a text chunk.
 
     Written to a temporary file in the same folder and renamed, so no half-written PNG is ever left."""
     path = check_output_path(path)
-    info = PngImagePlugin.PngInfo()
-    if INFOTEXT_KEY in image.info:
-        info.add_text(INFOTEXT_KEY, image.info[INFOTEXT_KEY])
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            image.save(fh, format="PNG", pnginfo=info)
+            image.save(fh, format="PNG", pnginfo=_png_text(image))
         # mkstemp creates the file private (0600); give it the permissions a normal open() would.
         umask = os.umask(0)
         os.umask(umask)

@@ -60,12 +60,19 @@ _DEFAULT_SAMPLERS = {
 @dataclass(frozen=True)
 class Init:
     """What a mode starts the loop from: noise (txt2img), or an image (N=1, 3, H, W in -1..1) noised to
-    ``strength``, optionally with a binary repaint mask (1, 1, H, W)."""
+    ``strength``, optionally with a binary repaint mask (1, 1, H, W), or an image's latents (N, C, h, w) already
+    encoded (a second pass at a larger size, as A1111's latent hires. fix) noised to ``strength``."""
 
     latents: np.ndarray | None = None
     pixels: np.ndarray | None = None
     strength: float = 1.0
     mask: np.ndarray | None = None
+    image_latents: np.ndarray | None = None
+
+    @property
+    def from_image(self) -> bool:
+        """Whether the loop starts from an image (img2img, inpainting) rather than from noise."""
+        return self.pixels is not None or self.image_latents is not None
 
 
 def _as_image(image: Image.Image | str | Path) -> Image.Image:
@@ -295,9 +302,10 @@ class Pipeline:
 
         Image ``i`` uses seed ``seed + i`` (as AUTOMATIC1111 does), so any image of a batch can be made again
         alone. ``latents``, when given, replaces the initial noise (shape (batch, 4, height/8, width/8)).
-        ``output_type="np"`` returns the decoded float images (batch, H, W, 3) in 0..1 instead of PIL images;
-        PIL images carry their infotext in ``image.info["parameters"]``. ``callback(step, total, latents,
-        denoised)`` runs after every model evaluation (``sdlite.denoiser.StepCallback``). Prompts take
+        ``output_type="np"`` returns the decoded float images (batch, H, W, 3) in 0..1 instead of PIL images,
+        ``output_type="latent"`` the final latents undecoded (for :meth:`img2img`'s ``image_latents``); PIL images
+        carry their infotext in ``image.info["parameters"]``. ``callback(step, total, latents, denoised)`` runs
+        after every model evaluation and may stop the loop (``sdlite.denoiser.StepCallback``). Prompts take
         AUTOMATIC1111's syntax (``(word:1.2)``, ``[word]``, ``BREAK``, any length);
         ``clip_skip`` 2 conditions on the text encoder's penultimate layer, as A1111's "Clip skip". ``watermark``
         hides the original Stable Diffusion scripts' invisible mark ("StableDiffusionV1") in the images, which
@@ -319,30 +327,43 @@ class Pipeline:
             watermark,
         )
         self.finisher.check_request(request, (request.width, request.height))
+        if output_type == "latent":
+            return self._sample(request, Init(latents=latents), progress, callback)
         images = self._generate(request, Init(latents=latents), progress, callback)
         return self._finish(images, request, {}, output_type)
 
     def img2img(
         self,
         prompt: str,
-        image: Image.Image | str | Path,
+        image: Image.Image | str | Path | None,
         strength: float = 0.75,
         resize: str = "fit",
         output_type: str = "pil",
         progress: bool = True,
         callback: StepCallback | None = None,
+        image_latents: np.ndarray | None = None,
         **options,
     ) -> list[Image.Image] | np.ndarray:
         """Repaint ``image`` towards ``prompt`` (SDEdit, Meng et al. 2022): noise it to ``strength`` (0..1]
         of the schedule and denoise from there. Without ``width``/``height`` the image keeps its size,
         brought to multiples of 8 by ``resize`` (fit: stretch, crop: centre-crop, pad: extend the edges).
+        ``image_latents`` (batch, C, h, w), given instead of ``image``, start from latents already encoded (such as
+        :meth:`txt2img`'s ``output_type="latent"`` upscaled: A1111's latent hires. fix); the size is theirs.
         Other keyword arguments are txt2img's."""
-        image = _as_image(image)
         check_strength(strength)
         size = (options.pop("width", None), options.pop("height", None))
-        request = self._check(prompt, **options, **_size_or(size, working_size(image, resize)))
+        if image_latents is not None:
+            factor = self.vae.factor
+            size = (image_latents.shape[-1] * factor, image_latents.shape[-2] * factor)
+            request = self._check(prompt, **options, width=size[0], height=size[1])
+            shape = (request.batch, self.vae.channels, *image_latents.shape[-2:])
+            init = Init(image_latents=_checked_latents(image_latents, shape), strength=strength)
+        else:
+            image = _as_image(image)
+            request = self._check(prompt, **options, **_size_or(size, working_size(image, resize)))
+            pixels = to_pixels(resize_to(image, (request.width, request.height), resize))
+            init = Init(pixels=pixels, strength=strength)
         self.finisher.check_request(request, (request.width, request.height))
-        init = Init(pixels=to_pixels(resize_to(image, (request.width, request.height), resize)), strength=strength)
         images = self._generate(request, init, progress, callback)
         return self._finish(images, request, {"Denoising strength": strength}, output_type)
 
@@ -476,14 +497,34 @@ class Pipeline:
         progress: bool,
         callback: StepCallback | None,
     ) -> np.ndarray:
-        """The denoising loop shared by every mode; returns decoded images (N, H, W, 3) in 0..1.
+        """The denoising loop shared by every mode, then the decoder; returns images (N, H, W, 3) in 0..1."""
+        images = self.vae.decode(self._sample(request, init, progress, callback))
+        self.parts.done("vae_decoder")
+        check_finite(images, "the VAE decoder")
+        return images
+
+    def preview(self, latents: np.ndarray) -> list[Image.Image]:
+        """Images of clean-latent estimates (N, C, h, w), such as a step callback's ``denoised``: what a
+        progress preview shows."""
+        images = self.vae.decode(np.asarray(latents, np.float32))
+        self.parts.done("vae_decoder")
+        return to_pil(np.nan_to_num(images))
+
+    def _sample(
+        self,
+        request: GenerationRequest,
+        init: Init,
+        progress: bool,
+        callback: StepCallback | None,
+    ) -> np.ndarray:
+        """The denoising loop shared by every mode; returns the final latents.
 
         Noise is drawn per image from that image's seed, in the order diffusers' pipelines draw it (VAE
         posterior sample, then the initial noise, then per-step noise), so runs can be compared with them."""
         self._check_memory(request)
         scheduler = schedulers.create(request.sampler, self.folder.scheduler_config, request.schedule)
         scheduler.set_timesteps(request.steps)
-        strength = init.strength if init.pixels is not None else 1.0
+        strength = init.strength if init.from_image else 1.0
         start = schedule_start(scheduler, request.steps, strength)
         channels, factor = self.vae.channels, self.vae.factor
         shape = (1, channels, request.height // factor, request.width // factor)
@@ -497,11 +538,14 @@ class Pipeline:
         in_channels = self.folder.unet_in_channels
         conditioned = in_channels == 2 * channels + 1  # an inpainting U-Net: latents, mask, masked image
         image_latents = masked_latents = mask_latents = None
-        if init.pixels is None:
+        if not init.from_image:
             noise = draw() if init.latents is None else _checked_latents(init.latents, (request.batch, *shape[1:]))
             latents = noise * np.float32(scheduler.init_noise_sigma)
         elif init.mask is None:
-            image_latents = self.vae.encode_latents(init.pixels, draw())
+            if init.image_latents is not None:
+                image_latents = init.image_latents
+            else:
+                image_latents = self.vae.encode_latents(init.pixels, draw())
             noise = draw()
             latents = scheduler.noise_to(image_latents, noise, start)
         else:
@@ -543,10 +587,7 @@ class Pipeline:
         denoiser = Denoiser(self.parts.get("unet"), conditioning, request.cfg_scale, channels)
         latents = denoise(scheduler, start, latents, denoiser, draw, after_step, callback, progress)
         self.parts.done("unet")
-        images = self.vae.decode(latents)
-        self.parts.done("vae_decoder")
-        check_finite(images, "the VAE decoder")
-        return images
+        return latents
 
     def _check_memory(self, request: GenerationRequest) -> None:
         """Refuse a request whose working set would not fit in the memory available (``sdlite.memory_guard``)."""

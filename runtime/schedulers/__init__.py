@@ -114,7 +114,17 @@ _SCHEDULES: dict[str, tuple[str, dict[str, Any]]] = {
     "sgm_uniform": ("SGM Uniform", {**_NO_SIGMA_FLAGS, "timestep_spacing": "trailing"}),
 }
 # Other spellings users write: A1111's labels are matched too (see _normalize).
-_SCHEDULE_ALIASES = {"": "automatic", "none": "automatic", "default": "automatic", "trailing": "sgm_uniform"}
+# A1111's "Uniform", "Normal" and "Simple" schedulers space timesteps evenly over the training steps, which is what
+# "automatic" does with an SD 1.x/2.x config ("Uniform" is also the label sdlite writes for it).
+_SCHEDULE_ALIASES = {
+    "": "automatic",
+    "none": "automatic",
+    "default": "automatic",
+    "uniform": "automatic",
+    "normal": "automatic",
+    "simple": "automatic",
+    "trailing": "sgm_uniform",
+}
 
 _SIGMA_AND_SPACING = ("automatic", "karras", "exponential", "beta", "sgm_uniform")
 _SPACING_ONLY = ("automatic", "sgm_uniform")
@@ -180,6 +190,11 @@ def names() -> list[str]:
 def schedules() -> list[str]:
     """Return the schedule names :func:`create` accepts, "automatic" (the model's own) first."""
     return list(_SCHEDULES)
+
+
+def schedule_label(schedule: str) -> str:
+    """A1111's label of a schedule ("karras" -> "Karras", "automatic" -> "Automatic")."""
+    return _SCHEDULES[canonical_schedule(schedule)][0]
 
 
 def canonical_name(name: str) -> str:
