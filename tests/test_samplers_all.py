@@ -476,13 +476,25 @@ def test_parse_infotext_old_and_new_forms():
     assert schedulers.parse_infotext({"Sampler": "Euler a", "Schedule type": "Automatic"}) == ("Euler a", "automatic")
 
 
+@pytest.mark.parametrize("schedule", ["karras", "exponential", "beta"])
+def test_euler_ancestral_walks_the_sigma_schedules_euler_does(schedule):
+    """diffusers' Euler a has no sigma schedules; sdlite's walks the ones its Euler does (tested against diffusers
+    above), as A1111's "Euler a" with a schedule type does."""
+    ancestral = schedulers.create("Euler a", SD15, schedule=schedule)
+    euler = schedulers.create("Euler", SD15, schedule=schedule)
+    ancestral.set_timesteps(12)
+    euler.set_timesteps(12)
+    np.testing.assert_array_equal(ancestral.sigmas, euler.sigmas)
+    np.testing.assert_array_equal(ancestral.timesteps, euler.timesteps)
+
+
 @pytest.mark.parametrize(
     "name, schedule, message",
     [
         ("DDIM", "karras", "sampler 'DDIM' cannot use schedule 'karras'; it takes: automatic, sgm_uniform"),
         ("LCM", "sgm_uniform", "sampler 'LCM' cannot use schedule 'sgm_uniform'; it takes: automatic"),
-        ("Euler a", "exponential",
-         "sampler 'Euler a' cannot use schedule 'exponential'; it takes: automatic, sgm_uniform"),
+        ("PNDM", "exponential",
+         "sampler 'PNDM' cannot use schedule 'exponential'; it takes: automatic, sgm_uniform"),
         ("DPM++ 2M Karras", "exponential",
          "sampler 'DPM++ 2M Karras' already names the Karras schedule; use 'DPM++ 2M' with schedule 'exponential'"),
         ("Euler", "polyexponential", "unknown schedule 'polyexponential'; known schedules: automatic, karras, "

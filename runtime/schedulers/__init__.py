@@ -145,7 +145,7 @@ _SAMPLERS: dict[str, tuple[Callable[[Mapping[str, Any] | None], Scheduler], tupl
     "DPM2": (DPM2Scheduler, _SIGMA_AND_SPACING),
     "DPM2 a": (DPM2AncestralScheduler, _SIGMA_AND_SPACING),
     "Euler": (EulerScheduler, _SIGMA_AND_SPACING),
-    "Euler a": (EulerAncestralScheduler, _SPACING_ONLY),
+    "Euler a": (EulerAncestralScheduler, _SIGMA_AND_SPACING),
     "Heun": (HeunScheduler, _SIGMA_AND_SPACING),
     "LCM": (LCMScheduler, _OWN_TIMESTEPS),
     "LMS": (LMSScheduler, _SIGMA_AND_SPACING),

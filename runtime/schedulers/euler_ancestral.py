@@ -18,14 +18,18 @@ from .euler import euler_step
 from .sigmas import TRAINING_DEFAULTS
 from .ve import VESampler, ancestral_split
 
-# diffusers' EulerAncestralDiscreteScheduler defaults; a config key, when present, overrides them. It has no
-# use_*_sigmas options, so its sigmas are always the timesteps' own.
+# diffusers' EulerAncestralDiscreteScheduler defaults; a config key, when present, overrides them. diffusers'
+# class has no use_*_sigmas options; sdlite's takes them as its Euler does, so "Euler a" runs on the Karras,
+# exponential and beta schedules as A1111's does (k-diffusion's sample_euler_ancestral over those sigmas).
 DEFAULTS: dict[str, Any] = {
     **TRAINING_DEFAULTS,
     "prediction_type": "epsilon",
     "timestep_spacing": "linspace",
     "steps_offset": 0,
     "rescale_betas_zero_snr": False,
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
 }
 
 
