@@ -17,7 +17,6 @@ import pytest
 from PIL import Image
 
 pytest.importorskip("fastapi")
-pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from sdlite.infotext import parse_infotext  # noqa: E402
