@@ -18,6 +18,13 @@ from PIL import Image
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
+from server_clients import (  # noqa: E402
+    SILLYTAVERN_CONNECT,
+    basic,
+    open_webui_txt2img,
+    sillytavern_txt2img,
+    tgw_txt2img,
+)
 
 from sdlite.infotext import parse_infotext  # noqa: E402
 from sdlite.models import default_model_path  # noqa: E402
@@ -26,14 +33,6 @@ from sdlite.server.app import create_app  # noqa: E402
 from sdlite.server.catalog import Catalog  # noqa: E402
 from sdlite.server.generation import Limits  # noqa: E402
 from sdlite.server.jobs import QueueFull, Worker  # noqa: E402
-
-from server_clients import (  # noqa: E402
-    SILLYTAVERN_CONNECT,
-    basic,
-    open_webui_txt2img,
-    sillytavern_txt2img,
-    tgw_txt2img,
-)
 
 TOKEN = "s3cret"
 
@@ -255,8 +254,8 @@ def test_skip_ends_one_pass_and_runs_the_next(client):
 
 
 def test_openai_images_endpoint(client):
-    result = client.post("/v1/images/generations", json={"prompt": "a red circle", "n": 2, "size": "64x64",
-                                                            "response_format": "b64_json", "model": "dall-e-3"})  # fmt: skip
+    body = {"prompt": "a red circle", "n": 2, "size": "64x64", "response_format": "b64_json", "model": "dall-e-3"}
+    result = client.post("/v1/images/generations", json=body)
     assert result.status_code == 200, result.text
     data = result.json()["data"]
     assert len(data) == 2 and infotext(decode(data[0]["b64_json"]))["prompt"] == "a red circle"
@@ -293,8 +292,13 @@ BAD_REQUESTS = [
     ("post", "/sdapi/v1/txt2img", {"prompt": "x", "sampler_name": "DPM fast"}, 422, "unknown sampler"),
     ("post", "/sdapi/v1/txt2img", {"prompt": "x", "scheduler": "polyexponential"}, 422, "schedule"),
     ("post", "/sdapi/v1/txt2img", {"prompt": "x", "enable_hr": True, "hr_upscaler": "ESRGAN_4x"}, 422, "hr_upscaler"),
-    ("post", "/sdapi/v1/txt2img", {"prompt": "x", "override_settings": {"sd_model_checkpoint": "../../etc/passwd"}},
-     422, "unknown model"),
+    (
+        "post",
+        "/sdapi/v1/txt2img",
+        {"prompt": "x", "override_settings": {"sd_model_checkpoint": "../../etc/passwd"}},
+        422,
+        "unknown model",
+    ),
     ("post", "/sdapi/v1/txt2img", {"prompt": "x", "override_settings": {"randn_source": "TPU"}}, 422, "randn_source"),
     ("post", "/sdapi/v1/options", {"sd_model_checkpoint": "/etc"}, 422, "unknown model"),
     ("post", "/sdapi/v1/options", {"CLIP_stop_at_last_layers": "two"}, 422, "CLIP_stop_at_last_layers"),
@@ -312,7 +316,11 @@ BAD_REQUESTS = [
 
 @pytest.mark.parametrize("method, path, body, status, words", BAD_REQUESTS)
 def test_bad_requests_get_a_clear_4xx_and_the_server_stays_up(client, method, path, body, status, words):
-    send = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    send = (
+        {"content": body, "headers": {"content-type": "application/json"}}
+        if isinstance(body, bytes)
+        else {"json": body}
+    )
     result = getattr(client, method)(path, **send)
     assert result.status_code == status, result.text
     assert words in result.json()["detail"]

@@ -3,6 +3,7 @@ images API and a web page, on the models of converted folders. Needs the ``serve
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,12 @@ def serve(
         ) from None
     from sdlite.server.catalog import Catalog
 
+    with socket.socket() as probe:  # a clear one-line error for a taken port, before any model is loaded
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise InputError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror})") from None
     catalog = Catalog(models, models_dir)
     app = create_app(catalog, load_options, **app_options)
     if not quiet:

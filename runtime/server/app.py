@@ -152,6 +152,9 @@ def create_app(
         version=__version__,
         description="Stable Diffusion on a CPU: AUTOMATIC1111's API, OpenAI's images API and a web page.",
         lifespan=lifespan,
+        # FastAPI's own docs pages load their scripts from a CDN; sdlite's lists the OpenAPI document offline.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.host, app.state.worker, app.state.settings = host, worker, settings
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
@@ -374,6 +377,10 @@ def create_app(
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(str(STATIC / "index.html"))
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> FileResponse:
+        return FileResponse(str(STATIC / "docs.html"))
 
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     return app
