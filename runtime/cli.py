@@ -51,21 +51,24 @@ def _output_paths(out: str | None, seed: int, batch: int) -> list[Path]:
     return [base.with_name(f"{base.stem}-{i}{base.suffix}") for i in range(batch)]
 
 
-def _load_pipeline(args: argparse.Namespace):
-    from sdlite.pipeline import Pipeline
-
-    return Pipeline.load(
-        args.model or _default_model(),
+def _load_options(args: argparse.Namespace) -> dict:
+    """``Pipeline.load``'s keywords from the engine and memory flags (see :func:`_add_engine_arguments`)."""
+    return dict(
         engine=args.engine,
         device=args.device,
         precision=args.precision,
         low_memory=args.low_memory,
         memory_budget=args.memory_budget,
         compute=args.compute,
-        vae_tiling=args.vae_tiling,
         safety_checker=not args.no_safety_checker,
         embeddings=args.embeddings,
     )
+
+
+def _load_pipeline(args: argparse.Namespace):
+    from sdlite.pipeline import Pipeline
+
+    return Pipeline.load(args.model or _default_model(), vae_tiling=args.vae_tiling, **_load_options(args))
 
 
 def _mode_call(args: argparse.Namespace, pipe, common: dict):
@@ -224,8 +227,34 @@ def parse_extend(text: str) -> tuple[int, int, int, int]:
     return values
 
 
-def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that say how a model is loaded (read back by :func:`_load_options`)."""
     from sdlite.engines import COMPUTE_PRECISIONS, ENGINES
+
+    parser.add_argument(
+        "--embeddings",
+        metavar="DIR",
+        help="folder of textual-inversion embeddings (.safetensors) that the prompt can use by name",
+    )
+    parser.add_argument("--engine", default="onnx", choices=ENGINES, help="onnx (onnxruntime) or openvino")
+    parser.add_argument("--device", default="CPU", help="CPU, GPU, NPU or AUTO (what the engine sees here)")
+    parser.add_argument("--compute", default="auto", choices=COMPUTE_PRECISIONS, help="arithmetic precision")
+    parser.add_argument("--precision", help="weight precision variant to run (default: the first held)")
+    parser.add_argument("--low-memory", action="store_true", help="load one part at a time (a memory budget of 0)")
+    parser.add_argument(
+        "--memory-budget",
+        type=float,
+        metavar="GIB",
+        help="keep loaded parts within this many GiB, releasing idle ones, smallest first (default: keep all)",
+    )
+    parser.add_argument(
+        "--no-safety-checker",
+        action="store_true",
+        help="do not run the model's safety checker (by default flagged images are saved black)",
+    )
+
+
+def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     from sdlite.rng import SOURCES
     from sdlite.vae import TILING_MODES
 
@@ -248,34 +277,14 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
         choices=SOURCES,
         help="cpu (torch CPU / diffusers / A1111 'CPU'), nv (A1111 'NV') or numpy",
     )
-    parser.add_argument(
-        "--embeddings",
-        metavar="DIR",
-        help="folder of textual-inversion embeddings (.safetensors) that the prompt can use by name",
-    )
     parser.add_argument("--size", type=parse_size, help="WIDTHxHEIGHT, multiples of 8 (default: the model's)")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--engine", default="onnx", choices=ENGINES, help="onnx (onnxruntime) or openvino")
-    parser.add_argument("--device", default="CPU", help="CPU, GPU, NPU or AUTO (what the engine sees here)")
-    parser.add_argument("--compute", default="auto", choices=COMPUTE_PRECISIONS, help="arithmetic precision")
-    parser.add_argument("--precision", help="weight precision variant to run (default: the first held)")
-    parser.add_argument("--low-memory", action="store_true", help="load one part at a time (a memory budget of 0)")
-    parser.add_argument(
-        "--memory-budget",
-        type=float,
-        metavar="GIB",
-        help="keep loaded parts within this many GiB, releasing idle ones, smallest first (default: keep all)",
-    )
+    _add_engine_arguments(parser)
     parser.add_argument("--vae-tiling", default="auto", choices=TILING_MODES, help="decode big images in tiles")
     parser.add_argument(
         "--watermark",
         action="store_true",
         help="invisible 'StableDiffusionV1' mark that invisible-watermark's dwtDct decoder reads (images >= 256x256)",
-    )
-    parser.add_argument(
-        "--no-safety-checker",
-        action="store_true",
-        help="do not run the model's safety checker (by default flagged images are saved black)",
     )
     parser.add_argument("-o", "--output", help="output PNG (default: sdlite-SEED.png)")
     parser.add_argument("--quiet", action="store_true")
@@ -302,16 +311,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         Path(args.models) if args.models else None,
         host=args.host,
         port=args.port,
-        load_options=dict(
-            engine=args.engine,
-            device=args.device,
-            precision=args.precision,
-            low_memory=args.low_memory,
-            memory_budget=args.memory_budget,
-            compute=args.compute,
-            safety_checker=not args.no_safety_checker,
-            embeddings=args.embeddings,
-        ),
+        load_options=_load_options(args),
         quiet=args.quiet,
         token=args.token or os.environ.get("SDLITE_TOKEN") or None,
         limits=Limits(max_side=args.max_side, max_images=args.max_images),
@@ -323,8 +323,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    from sdlite.engines import COMPUTE_PRECISIONS, ENGINES
-
     parser.add_argument(
         "-m", "--model", action="append", help="converted-model folder; repeat for several (default: the packaged one)"
     )
@@ -334,14 +332,7 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--token", help="require this token (Bearer, or Basic user:password as A1111's --api-auth); or SDLITE_TOKEN"
     )
-    parser.add_argument("--engine", default="onnx", choices=ENGINES, help="onnx (onnxruntime) or openvino")
-    parser.add_argument("--device", default="CPU", help="CPU, GPU, NPU or AUTO (what the engine sees here)")
-    parser.add_argument("--compute", default="auto", choices=COMPUTE_PRECISIONS, help="arithmetic precision")
-    parser.add_argument("--precision", help="weight precision variant to run (default: the first held)")
-    parser.add_argument("--low-memory", action="store_true", help="load one part at a time (a memory budget of 0)")
-    parser.add_argument("--memory-budget", type=float, metavar="GIB", help="keep loaded parts within this many GiB")
-    parser.add_argument("--embeddings", metavar="DIR", help="folder of textual-inversion embeddings")
-    parser.add_argument("--no-safety-checker", action="store_true", help="do not run the model's safety checker")
+    _add_engine_arguments(parser)
     parser.add_argument("--max-queue", type=int, default=64, help="jobs that may wait; more get HTTP 503")
     parser.add_argument("--max-images", type=int, default=16, help="images one request may ask for")
     parser.add_argument("--max-side", type=int, default=2048, help="largest width or height a request may ask for")

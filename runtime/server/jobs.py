@@ -207,15 +207,18 @@ class Worker:
                 continue
             self.current = job
             self.progress.start(job.id, 1)
+            result, error = None, None
             try:
                 result = job.run(self.progress)
             except BaseException as exc:  # the job's error belongs to its caller; the worker goes on
-                job.future.set_exception(exc)
+                error = exc
+            # Idle before the caller hears of the result, so a progress poll right after it sees no job.
+            self.current = None
+            self.progress.finish()
+            if error is not None:
+                job.future.set_exception(error)
             else:
                 job.future.set_result(result)
-            finally:
-                self.current = None
-                self.progress.finish()
         while not self._queue.empty():
             job = self._queue.get_nowait()
             if job is not None:
