@@ -35,7 +35,6 @@ from sdlite.server.generation import (
     ImageTooLarge,
     Limits,
     decode_image,
-    encode_image,
     make_img2img_spec,
     make_spec,
     response,
@@ -390,4 +389,4 @@ class _Unauthorized(Exception):
     pass
 
 
-__all__ = ["create_app", "encode_image"]
+__all__ = ["create_app"]

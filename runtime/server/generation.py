@@ -442,13 +442,13 @@ def run(spec: Spec, host: ModelHost, progress: Progress, outdir: Path | None) ->
                 options["latents"] = _variation_noise(spec, pipe, seed, width, height)
             latent = spec.hires is not None and spec.hires.upscaler in LATENT_UPSCALERS
             result = _first_pass(spec, pipe, options, callback, latent)
-            if spec.hires is not None and not progress.interrupted:
+            if spec.hires is not None:
+                # After an interrupt the second pass stops at its first step: the images still come out of it,
+                # decoded and with their infotext.
                 progress.begin_pass(it * passes // spec.n_iter + 1, spec.hires.steps or spec.options["steps"])
                 result = _hires_pass(spec, pipe, options, result, progress.callback(pipe.preview))
                 for image in result:
                     amend_infotext(image, {"Size": f"{width}x{height}", **spec.hires.fields})
-            elif latent:
-                result = pipe.preview(result)  # interrupted before the second pass: the first pass's images
             result = list(result)
             if spec.subseed_strength:
                 for i, image in enumerate(result):
