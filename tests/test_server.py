@@ -357,3 +357,14 @@ def test_queue_is_bounded():
     worker.submit("b", lambda progress: None)
     with pytest.raises(QueueFull):
         worker.submit("c", lambda progress: None)
+
+
+def test_interrupted_hires_fix_still_returns_finished_images(client):
+    thread, outcome = _run_in_background(
+        client, {"prompt": "x", "steps": 400, "seed": 3, "enable_hr": True, "hr_upscaler": "Latent"}
+    )
+    _wait_for_step(client, 3)
+    client.post("/sdapi/v1/interrupt")
+    thread.join(120)
+    image = decode(outcome["response"].json()["images"][0])
+    assert image.size == (128, 128) and infotext(image)["Hires upscaler"] == "Latent"
