@@ -98,11 +98,10 @@ def _mode_call(args: argparse.Namespace, pipe, common: dict):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Run one generation mode (generate, img2img, inpaint, outpaint) and save PNGs with their infotext."""
-    import numpy as np
-
     from sdlite.images import save_png
+    from sdlite.request import chosen_seed
 
-    seed = args.seed if args.seed >= 0 else int(np.random.default_rng().integers(0, 2**32))
+    seed = chosen_seed(args.seed)
     outputs = _output_paths(args.output, seed, args.batch)  # fail before loading anything
     if args.steps < 1:
         raise InputError(f"--steps {args.steps}: must be at least 1")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import tempfile
@@ -44,6 +45,11 @@ def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=_png_text(image))
     return buffer.getvalue()
+
+
+def png_base64(image: Image.Image) -> str:
+    """:func:`png_bytes` as base64 text, as HTTP APIs carry images (no ``data:`` prefix)."""
+    return base64.b64encode(png_bytes(image)).decode()
 
 
 def save_png(image: Image.Image, path: str | Path) -> Path:

@@ -353,9 +353,8 @@ class Pipeline:
         check_strength(strength)
         size = (options.pop("width", None), options.pop("height", None))
         if image_latents is not None:
-            factor = self.vae.factor
-            size = (image_latents.shape[-1] * factor, image_latents.shape[-2] * factor)
-            request = self._check(prompt, **options, width=size[0], height=size[1])
+            height, width = (side * self.vae.factor for side in image_latents.shape[-2:])
+            request = self._check(prompt, **options, width=width, height=height)
             shape = (request.batch, self.vae.channels, *image_latents.shape[-2:])
             init = Init(image_latents=_checked_latents(image_latents, shape), strength=strength)
         else:
@@ -498,17 +497,19 @@ class Pipeline:
         callback: StepCallback | None,
     ) -> np.ndarray:
         """The denoising loop shared by every mode, then the decoder; returns images (N, H, W, 3) in 0..1."""
-        images = self.vae.decode(self._sample(request, init, progress, callback))
-        self.parts.done("vae_decoder")
+        images = self._decode(self._sample(request, init, progress, callback))
         check_finite(images, "the VAE decoder")
         return images
 
     def preview(self, latents: np.ndarray) -> list[Image.Image]:
         """Images of clean-latent estimates (N, C, h, w), such as a step callback's ``denoised``: what a
         progress preview shows."""
-        images = self.vae.decode(np.asarray(latents, np.float32))
+        return to_pil(np.nan_to_num(self._decode(np.asarray(latents, np.float32))))
+
+    def _decode(self, latents: np.ndarray) -> np.ndarray:
+        images = self.vae.decode(latents)
         self.parts.done("vae_decoder")
-        return to_pil(np.nan_to_num(images))
+        return images
 
     def _sample(
         self,

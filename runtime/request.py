@@ -73,6 +73,14 @@ def is_finite_number(value: Any) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(float(value))
 
 
+def chosen_seed(seed: Any) -> Any:
+    """``seed``, or a random one in 0 .. 2**32 - 1 when it is None or negative (A1111's -1); other values are
+    returned as they are, for the caller's check."""
+    if seed is None or (isinstance(seed, Real) and not isinstance(seed, bool) and seed < 0):
+        return int(np.random.default_rng().integers(0, 2**32))
+    return seed
+
+
 def _integer(name: str, value: Any, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral) or not low <= value <= high:
         raise InputError(f"{name} {value!r}: must be a whole number from {low} to {high}")
@@ -111,9 +119,7 @@ def make_request(
     batch = _integer("batch", batch, 1, MAX_BATCH)
     if not is_finite_number(cfg_scale) or not 0.0 <= float(cfg_scale) <= MAX_CFG_SCALE:
         raise InputError(f"cfg_scale {cfg_scale!r}: must be a finite number from 0 to {MAX_CFG_SCALE:g}")
-    if seed is None or (isinstance(seed, Integral) and not isinstance(seed, bool) and seed < 0):
-        seed = int(np.random.default_rng().integers(0, 2**32))
-    seed = _integer("seed", seed, 0, MAX_SEED)
+    seed = _integer("seed", chosen_seed(seed), 0, MAX_SEED)
     try:
         sampler = schedulers.canonical_name(sampler or default_sampler)
         schedulers.infotext_fields(sampler, schedule)  # an unknown schedule, or one the sampler cannot take

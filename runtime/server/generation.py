@@ -31,9 +31,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from sdlite import __version__, schedulers
 from sdlite.errors import InputError
-from sdlite.images import INFOTEXT_KEY, png_bytes, save_png
+from sdlite.images import INFOTEXT_KEY, png_base64, save_png
 from sdlite.infotext import format_infotext, parse_infotext
-from sdlite.request import MAX_SEED
+from sdlite.request import MAX_SEED, chosen_seed
 from sdlite.rng import NoiseGenerator
 from sdlite.server.catalog import Catalog, ModelEntry
 from sdlite.server.host import ModelHost
@@ -120,6 +120,10 @@ class Outcome:
     height: int
 
 
+class ImageTooLarge(InputError):
+    """An uploaded image beyond the server's pixel limit (HTTP 413)."""
+
+
 def decode_image(name: str, text: Any, limits: Limits) -> Image.Image:
     """A base64 image field (with or without a ``data:`` URL prefix) -> an RGB or L image; InputError naming the
     field when it is not an image, ImageTooLarge beyond ``limits.max_image_pixels``."""
@@ -131,32 +135,24 @@ def decode_image(name: str, text: Any, limits: Limits) -> Image.Image:
         image = Image.open(io.BytesIO(raw))
     except (binascii.Error, ValueError, UnidentifiedImageError, OSError):
         raise InputError(f"{name}: not a base64-encoded PNG, JPEG or WebP image") from None
+    except Image.DecompressionBombError:  # PIL's own limit, far above the server's
+        raise ImageTooLarge(f"{name}: more than {limits.max_image_pixels} pixels") from None
     if image.width * image.height > limits.max_image_pixels:
         raise ImageTooLarge(
             f"{name}: {image.width}x{image.height} pixels; this server takes at most {limits.max_image_pixels} pixels"
         )
     try:
         image.load()
-    except (OSError, ValueError, Image.DecompressionBombError):
+    except (OSError, ValueError):
         raise InputError(f"{name}: the image data is truncated or corrupt") from None
     return image
 
 
-class ImageTooLarge(InputError):
-    """An uploaded image beyond the server's pixel limit (HTTP 413)."""
-
-
-def encode_image(image: Image.Image) -> str:
-    """An image as base64 PNG with its infotext, as A1111 returns images (no ``data:`` prefix)."""
-    return base64.b64encode(png_bytes(image)).decode()
-
-
 def _seed(value: int | None, name: str) -> int:
-    if value is None or value < 0:
-        return int(np.random.default_rng().integers(0, 2**32))
-    if value > MAX_SEED:
+    seed = chosen_seed(value)
+    if seed > MAX_SEED:
         raise InputError(f"{name} {value}: must be at most {MAX_SEED}, or -1 for a random one")
-    return int(value)
+    return int(seed)
 
 
 def _setting(body: Txt2ImgBody, settings: dict[str, Any], key: str) -> Any:
@@ -234,7 +230,7 @@ def make_spec(
         save_images=bool(body.save_images),
     )
     strength = body.subseed_strength or 0.0
-    if strength:
+    if strength and not isinstance(body, Img2ImgBody):  # img2img's noise comes from its image, not a seed's
         if not 0.0 <= strength <= 1.0:
             raise InputError(f"subseed_strength {strength}: must be from 0 to 1")
         spec.subseed, spec.subseed_strength = _seed(body.subseed, "subseed"), float(strength)
@@ -345,13 +341,15 @@ def _slerp(t: float, low: np.ndarray, high: np.ndarray) -> np.ndarray:
     return (np.sin((1 - t) * omega) * low + np.sin(t * omega) * high) / np.sin(omega)
 
 
-def _variation_noise(spec: Spec, pipe, seed: int, width: int, height: int) -> np.ndarray:
-    shape = (1, pipe.vae.channels, height // pipe.vae.factor, width // pipe.vae.factor)
+def _variation_noise(spec: Spec, pipe, seed: int, subseed: int) -> np.ndarray:
+    """The initial noise of a batch whose image i has seed ``seed + i`` and variation seed ``subseed + i``."""
+    width, height, factor = spec.options["width"], spec.options["height"], pipe.vae.factor
+    shape = (1, pipe.vae.channels, height // factor, width // factor)
     source = spec.options["seed_source"]
     noises = []
     for i in range(spec.options["batch"]):
         base = NoiseGenerator(seed + i, source).randn(shape)
-        other = NoiseGenerator(spec.subseed + seed - spec.options["seed"] + i, source).randn(shape)
+        other = NoiseGenerator(subseed + i, source).randn(shape)
         noises.append(_slerp(spec.subseed_strength, base, other))
     return np.concatenate(noises).astype(np.float32)
 
@@ -359,8 +357,7 @@ def _variation_noise(spec: Spec, pipe, seed: int, width: int, height: int) -> np
 def amend_infotext(image: Image.Image, changes: dict[str, object]) -> None:
     """Set infotext fields of ``image`` (a value of None removes the field)."""
     prompt, negative, fields = parse_infotext(image.info.get(INFOTEXT_KEY, ""))
-    fields = {**fields, **changes}
-    image.info[INFOTEXT_KEY] = format_infotext(prompt, negative, {k: v for k, v in fields.items() if v is not None})
+    image.info[INFOTEXT_KEY] = format_infotext(prompt, negative, {**fields, **changes})
 
 
 def _upscale_latents(latents: np.ndarray, width: int, height: int, upscaler: str, factor: int) -> np.ndarray:
@@ -425,8 +422,8 @@ def run(spec: Spec, host: ModelHost, progress: Progress, outdir: Path | None) ->
         host.switch(spec.model)
     try:
         pipe = host.pipeline()
-        passes = spec.n_iter * (2 if spec.hires else 1)
-        progress.job_count = passes
+        per_iteration = 2 if spec.hires else 1
+        progress.job_count = spec.n_iter * per_iteration
         batch = spec.options["batch"]
         width, height = spec.options["width"], spec.options["height"]
         images: list[Image.Image] = []
@@ -435,26 +432,26 @@ def run(spec: Spec, host: ModelHost, progress: Progress, outdir: Path | None) ->
             if progress.interrupted:
                 break
             seed = spec.options["seed"] + it * batch
+            subseed = spec.subseed + it * batch
             options = {**spec.options, "seed": seed}
-            progress.begin_pass(it * passes // spec.n_iter, spec.options["steps"])
+            progress.begin_pass(it * per_iteration, spec.options["steps"])
             callback = progress.callback(pipe.preview)
-            if spec.subseed_strength and spec.mode == "txt2img":
-                options["latents"] = _variation_noise(spec, pipe, seed, width, height)
+            if spec.subseed_strength:
+                options["latents"] = _variation_noise(spec, pipe, seed, subseed)
             latent = spec.hires is not None and spec.hires.upscaler in LATENT_UPSCALERS
             result = _first_pass(spec, pipe, options, callback, latent)
             if spec.hires is not None:
                 # After an interrupt the second pass stops at its first step: the images still come out of it,
                 # decoded and with their infotext.
-                progress.begin_pass(it * passes // spec.n_iter + 1, spec.hires.steps or spec.options["steps"])
+                progress.begin_pass(it * per_iteration + 1, spec.hires.steps or spec.options["steps"])
                 result = _hires_pass(spec, pipe, options, result, progress.callback(pipe.preview))
                 for image in result:
                     amend_infotext(image, {"Size": f"{width}x{height}", **spec.hires.fields})
             result = list(result)
             if spec.subseed_strength:
                 for i, image in enumerate(result):
-                    variation = spec.subseed + it * batch + i
                     amend_infotext(
-                        image, {"Variation seed": variation, "Variation seed strength": spec.subseed_strength}
+                        image, {"Variation seed": subseed + i, "Variation seed strength": spec.subseed_strength}
                     )
             images += result
             seeds += [seed + i for i in range(len(result))]
@@ -515,9 +512,9 @@ def response(spec: Spec, body: Txt2ImgBody, outcome: Outcome) -> dict[str, Any]:
         "is_using_inpainting_conditioning": False,
         "version": f"sdlite {__version__}",
     }
-    images = [encode_image(image) for image in outcome.images] if spec.send_images else []
+    images = [png_base64(image) for image in outcome.images] if spec.send_images else []
     if spec.include_init_images and spec.image is not None:
-        images.append(encode_image(spec.image))
+        images.append(png_base64(spec.image))
     return {"images": images, "parameters": _parameters(body), "info": json.dumps(info)}
 
 

@@ -9,8 +9,6 @@ from the model's current estimate, as A1111 does.
 
 from __future__ import annotations
 
-import base64
-import io
 import itertools
 import queue
 import threading
@@ -22,6 +20,8 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
+
+from sdlite.images import png_base64
 
 # A progress poll that asks for the current image keeps previews coming for this long.
 PREVIEW_INTEREST_S = 5.0
@@ -51,10 +51,11 @@ class Progress:
         self._preview_wanted_until = 0.0
         self.interrupted = False
         self.skipped = False
-        self._reset("", 0)
+        self._reset("", "", 0)
 
-    def _reset(self, job: str, job_count: int) -> None:
+    def _reset(self, job: str, task: str, job_count: int) -> None:
         self.job = job
+        self.task = task
         self.job_count = job_count
         self.job_no = 0
         self.step = 0
@@ -65,16 +66,16 @@ class Progress:
         self.preview_id = -1
         self._last_preview_step = -1
 
-    def start(self, job: str, job_count: int) -> None:
-        """A job begins; it will run ``job_count`` denoising passes."""
+    def start(self, job: Job) -> None:
+        """``job`` begins (it sets ``job_count``, its denoising passes, once it knows them)."""
         with self._lock:
-            self._reset(job, job_count)
+            self._reset(job.kind, job.id, 1)
             self.interrupted = self.skipped = False
 
     def finish(self) -> None:
         """The job ended: the server is idle until the next one."""
         with self._lock:
-            self._reset("", 0)
+            self._reset("", "", 0)
 
     def begin_pass(self, job_no: int, steps: int) -> None:
         """Pass ``job_no`` (0-based) of the job starts, with ``steps`` model evaluations."""
@@ -96,11 +97,9 @@ class Progress:
                 self.step, self.steps = step + 1, total
                 due = step - self._last_preview_step >= self.preview_every or step + 1 == total
             if self.preview_every > 0 and due and time.monotonic() < self._preview_wanted_until:
-                image = preview(denoised[:1])[0]
-                buffer = io.BytesIO()
-                image.save(buffer, format="PNG")
+                image = png_base64(preview(denoised[:1])[0])
                 with self._lock:
-                    self.preview = base64.b64encode(buffer.getvalue()).decode()
+                    self.preview = image
                     self.preview_id += 1
                     self._last_preview_step = step
             return self.interrupted or self.skipped
@@ -137,7 +136,7 @@ class Progress:
                 "current_image": self.preview if with_image else None,
                 "id_live_preview": self.preview_id,
                 "textinfo": None,
-                "current_task": self.job or None,
+                "current_task": self.task or None,
                 "queue": queued,
             }
 
@@ -206,7 +205,7 @@ class Worker:
                 job.future.cancel()
                 continue
             self.current = job
-            self.progress.start(job.id, 1)
+            self.progress.start(job)
             result, error = None, None
             try:
                 result = job.run(self.progress)
