@@ -14,7 +14,7 @@ from sdlite.convert.attention import ATTENTION_VARIANTS, fuse_onnx_attention, se
 from sdlite.convert.calibration import calibration_inputs
 from sdlite.convert.geglu import split_geglu
 from sdlite.convert.journal import Journal, work_dir
-from sdlite.convert.loading import load_checkpoint, quiet_diffusers
+from sdlite.convert.loading import TinyVae, load_checkpoint, load_tiny_vae, quiet_diffusers
 from sdlite.convert.lora import LoraSpec, fuse_loras
 from sdlite.convert.memory_plan import GB, Step, check_plan, default_budget, make_step
 from sdlite.convert.onnx_export import export_onnx, save_onnx
@@ -32,6 +32,7 @@ from sdlite.layout import (
     PARTS,
     SAFETY_CHECKER,
     SCHEDULER_CONFIG,
+    TINY_VAE_PARTS,
     TOKENIZER_DIR,
     family_of,
     graph_files,
@@ -70,9 +71,11 @@ def _model_index(pipe, feature_extractor=None) -> dict:
     }
 
 
-def _save_configs(pipe, folder: Path, loaded=None) -> None:
+def _save_configs(pipe, folder: Path, loaded=None, tiny: TinyVae | None = None) -> None:
     for part in PARTS:
         (folder / part).mkdir(parents=True, exist_ok=True)
+    for part in TINY_VAE_PARTS if tiny is not None else ():
+        tiny.vae.save_config(folder / part)
     pipe.tokenizer.save_pretrained(folder / TOKENIZER_DIR)
     pipe.scheduler.save_pretrained(folder / SCHEDULER_CONFIG.parent)
     pipe.text_encoder.config.to_json_file(folder / "text_encoder" / CONFIG_NAME)
@@ -173,6 +176,7 @@ class _Run:
     token_merging: float
     validate: bool
     quiet: bool
+    tiny: TinyVae | None = None
 
     def export_base(self, name: str, part: _Part, sizes: tuple, calibrate: bool) -> _Base:
         """The part's fp32 ONNX export (for OpenVINO with fused attention, its IR from PyTorch; with sliced, the
@@ -261,7 +265,7 @@ class _Run:
         journal, meter, units, pipe = self.journal, self.meter, self.units, self.pipe
         root = journal.root
         # Configs first, while every module is still there to describe itself (modules are freed as parts finish).
-        _save_configs(pipe, root, self.loaded)
+        _save_configs(pipe, root, self.loaded, self.tiny)
         norm = final_layer_norm(pipe)
         trace, check = trace_size(pipe), validation_size(pipe)
         # The PyTorch module each part exports from, released once its last part has its exports.
@@ -385,6 +389,7 @@ def convert(
     memory_budget_gb: float | None = None,
     resume: bool = False,
     verbose: bool = False,
+    tiny_vae: str | None = None,
 ) -> Manifest:
     """Export every part of ``source`` to ``out`` in each format and precision, validating each against
     PyTorch.
@@ -398,6 +403,8 @@ def convert(
     ``sdlite.convert.lora``). ``token_merging`` > 0 merges that fraction of the tokens before the U-Net's
     full-resolution self-attentions (ToMe, see ``sdlite.convert.token_merging``): faster, and a different
     image. ``verbose`` prints each phase's seconds and peak memory at the end (otherwise only the largest).
+    ``tiny_vae`` (an AutoencoderTiny folder or hub id: TAESD) is converted beside the VAE, in fp32 and, when a
+    reduced precision is asked for, fp16 (its weights are a few MB: int8 would save nothing worth its error).
     """
     formats, precisions = formats or ["onnx"], precisions or ["fp32"]
     _check_choice("format", formats, FORMATS)
@@ -424,6 +431,7 @@ def convert(
     loaded = load_checkpoint(source, allow_pickle=allow_pickle)
     pipe = loaded.pipe
     lora_records = fuse_loras(pipe, loras or [], allow_pickle=allow_pickle)
+    tiny = load_tiny_vae(tiny_vae, pipe.vae.config.latent_channels) if tiny_vae else None
     factor = vae_scale_factor(pipe)
     manifest = Manifest(
         family=family_of(pipe.unet.config.cross_attention_dim),
@@ -433,6 +441,7 @@ def convert(
         default_size=(pipe.unet.config.sample_size * factor,) * 2,
         source_sha256=loaded.sha256,
         loras=lora_records,
+        tiny_vae=tiny.name if tiny else None,
     )
     set_attention(pipe, attention, token_merging)
     split_geglu(pipe.unet)
@@ -454,6 +463,12 @@ def convert(
             "plain",
             _weight_bytes(checker),
         )
+    if tiny is not None:
+        tiny_precisions = ["fp32", *(["fp16"] if set(precisions) - {"fp32"} else [])]
+        tiny_jobs = [(fmt, precision) for precision in tiny_precisions for fmt in formats]
+        for name in TINY_VAE_PARTS:
+            spec = part_spec(name, tiny.vae)
+            parts[name] = _Part(spec, tiny.vae, tiny_jobs, tiny_precisions, "plain", _weight_bytes(tiny.vae))
     latent_cells = pipe.unet.config.sample_size**2
     steps = _plan(parts, formats, latent_cells, validate)
     budget = memory_budget_gb * GB if memory_budget_gb is not None else default_budget()
@@ -468,12 +483,13 @@ def convert(
         "validate": validate,
         "loras": lora_records,
         "token_merging": token_merging,
+        "tiny_vae": tiny.name if tiny else None,
     }
     journal = Journal(work_dir(out), options, resume)
     meter = PhaseMeter(sum(step.seconds for step in steps), quiet)
     units = {(step.part, step.variant, step.kind): step.seconds for step in steps}
     try:
-        run = _Run(journal, meter, units, pipe, loaded, formats, token_merging, validate, quiet)
+        run = _Run(journal, meter, units, pipe, loaded, formats, token_merging, validate, quiet, tiny)
         manifest.components = run.run_parts(parts)
     except BaseException as exc:
         meter.close()

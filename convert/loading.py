@@ -143,3 +143,42 @@ def load_checkpoint(source: str, allow_pickle: bool = False) -> LoadedCheckpoint
         )
     _check_supported(pipe, source)
     return LoadedCheckpoint(pipe=pipe, name=name, sha256=sha, safety_checker=checker, feature_extractor=processor)
+
+
+@dataclass
+class TinyVae:
+    """A tiny autoencoder (diffusers' ``AutoencoderTiny``: TAESD, TAESDXL) and its name for the infotext."""
+
+    vae: object
+    name: str
+
+
+def load_tiny_vae(source: str, latent_channels: int) -> TinyVae:
+    """Load ``source`` (a diffusers ``AutoencoderTiny`` folder, such as madebyollin/taesd's, or its hub id) as
+    float32; InputError when it is not one or its latents are not the model's (``latent_channels``)."""
+    from diffusers import AutoencoderTiny
+
+    path = Path(source)
+    is_hub_id = not path.exists() and source.count("/") == 1 and not source.startswith((".", "/"))
+    if not path.is_dir() and not is_hub_id:
+        raise InputError(f"--tiny-vae {source}: no such folder (expected an AutoencoderTiny folder or hub id)")
+    if path.is_dir():
+        config = path / "config.json"
+        if not config.is_file():
+            raise InputError(f"--tiny-vae {source}: no config.json (expected an AutoencoderTiny folder)")
+        try:
+            kind = json.loads(config.read_text()).get("_class_name")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            raise InputError(f"--tiny-vae {config}: not a valid JSON object") from None
+        if kind != "AutoencoderTiny":
+            raise InputError(f"--tiny-vae {source}: a {kind or 'unknown model'}, expected an AutoencoderTiny (TAESD)")
+    try:
+        vae = AutoencoderTiny.from_pretrained(source, torch_dtype=_float32())
+    except Exception as exc:  # missing weights, a hub id that cannot be fetched: one line either way
+        raise InputError(f"--tiny-vae {source}: could not be loaded as an AutoencoderTiny ({summarize(exc)})") from None
+    if vae.config.latent_channels != latent_channels:
+        raise InputError(
+            f"--tiny-vae {source}: makes {vae.config.latent_channels}-channel latents; this model's have "
+            f"{latent_channels} (a tiny VAE of another family?)"
+        )
+    return TinyVae(vae.eval(), path.resolve().name if path.is_dir() else source.split("/")[-1])

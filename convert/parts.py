@@ -59,8 +59,9 @@ class _UNet(torch.nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+    def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None):
+        # timestep_cond: a latent consistency U-Net's guidance-scale embedding (only its export has the input).
+        return self.unet(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond, return_dict=False)[0]
 
 
 class _VaeEncoder(torch.nn.Module):
@@ -74,6 +75,24 @@ class _VaeEncoder(torch.nn.Module):
 
 
 class _VaeDecoder(torch.nn.Module):
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample):
+        return self.vae.decode(latent_sample, return_dict=False)[0]
+
+
+class _TinyEncoder(torch.nn.Module):
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample):
+        return self.vae.encode(sample, return_dict=False)[0]
+
+
+class _TinyDecoder(torch.nn.Module):
     def __init__(self, vae: torch.nn.Module):
         super().__init__()
         self.vae = vae
@@ -147,6 +166,18 @@ def _unet_inputs(pipe, size: ExportSize) -> dict[str, torch.Tensor]:
     }
 
 
+def guidance_embedding_width(unet) -> int | None:
+    """Width of a latent consistency U-Net's guidance-scale embedding input (None for other U-Nets)."""
+    return getattr(unet.config, "time_cond_proj_dim", None)
+
+
+def _lcm_unet_inputs(pipe, size: ExportSize) -> dict[str, torch.Tensor]:
+    inputs = _unet_inputs(pipe, size)
+    gen = torch.Generator().manual_seed(size.height + 1)
+    width = guidance_embedding_width(pipe.unet)
+    return {**inputs, "timestep_cond": torch.randn(size.batch, width, generator=gen)}
+
+
 def _image(pipe, size: ExportSize) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(size.height)
     return {"sample": torch.rand(size.batch, 3, size.height, size.width, generator=gen) * 2 - 1}
@@ -159,6 +190,13 @@ def _latents(pipe, size: ExportSize) -> dict[str, torch.Tensor]:
     return {
         "latent_sample": torch.randn(size.batch, channels, size.height // factor, size.width // factor, generator=gen)
     }
+
+
+def _tiny_latents(vae, size: ExportSize) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(size.height)
+    factor = vae_factor(vae.config.encoder_block_out_channels)
+    shape = (size.batch, vae.config.latent_channels, size.height // factor, size.width // factor)
+    return {"latent_sample": torch.randn(*shape, generator=gen)}
 
 
 _BATCH_HW = {0: "batch_size", 2: "height", 3: "width"}
@@ -201,6 +239,26 @@ PARTS: dict[str, PartSpec] = {
         wrap=lambda pipe: _VaeDecoder(pipe.vae),
         dummy_inputs=_latents,
     ),
+    # Exported from a tiny autoencoder (diffusers' AutoencoderTiny): wrap and dummy inputs take it, not ``pipe``;
+    # the VAE's tolerances (fp32 conv stacks of the same depth).
+    "taesd_encoder": PartSpec(
+        name="taesd_encoder",
+        inputs={"sample": {0: "batch_size", 2: "sample_height", 3: "sample_width"}},
+        outputs={"latent_sample": {0: "batch_size", 2: "latent_height", 3: "latent_width"}},
+        atol=3e-4,
+        rtol=1e-3,
+        wrap=_TinyEncoder,
+        dummy_inputs=_image,
+    ),
+    "taesd_decoder": PartSpec(
+        name="taesd_decoder",
+        inputs={"latent_sample": {0: "batch_size", 2: "latent_height", 3: "latent_width"}},
+        outputs={"sample": {0: "batch_size", 2: "height", 3: "width"}},
+        atol=3e-4,
+        rtol=1e-3,
+        wrap=_TinyDecoder,
+        dummy_inputs=_tiny_latents,
+    ),
     # Exported from the checkpoint's safety checker (not from ``pipe``): its wrap and dummy inputs take the
     # ``StableDiffusionSafetyChecker`` itself.
     "safety_checker": PartSpec(
@@ -217,8 +275,13 @@ PARTS: dict[str, PartSpec] = {
 
 def part_spec(name: str, pipe) -> PartSpec:
     """``PARTS[name]`` completed for ``pipe``: the text encoder's outputs gain ``hidden_states.0`` (the
-    embeddings) to ``hidden_states.N`` (the last layer, before the final layer norm), N = its layer count."""
+    embeddings) to ``hidden_states.N`` (the last layer, before the final layer norm), N = its layer count; a
+    latent consistency U-Net gains its ``timestep_cond`` input (the guidance-scale embedding)."""
     spec = PARTS[name]
+    if name == "unet" and guidance_embedding_width(pipe.unet):
+        return dataclasses.replace(
+            spec, inputs={**spec.inputs, "timestep_cond": {0: "batch_size"}}, dummy_inputs=_lcm_unet_inputs
+        )
     if name != "text_encoder":
         return spec
     layers = pipe.text_encoder.config.num_hidden_layers

@@ -11,10 +11,10 @@ TRAINED = ("shapes",)
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments and build (or train) the requested recipe."""
-    from sdlite.models.recipes import RECIPES
+    from sdlite.models.recipes import PART_RECIPES, RECIPES
 
     parser = argparse.ArgumentParser(prog="python -m sdlite.models", description=__doc__)
-    parser.add_argument("recipe", choices=sorted([*RECIPES, *TRAINED]))
+    parser.add_argument("recipe", choices=sorted([*RECIPES, *PART_RECIPES, *TRAINED]))
     parser.add_argument("out", help="output diffusers folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train", action="store_true", help="train the recipe (required for shapes)")

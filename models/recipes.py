@@ -5,8 +5,14 @@ with the real BPE vocabulary) at toy width; random weights; built in seconds, fo
 ``tiny-safety``: ``tiny`` with a toy safety checker (diffusers' ``StableDiffusionSafetyChecker`` on a small
 random CLIP vision tower) whose one live concept is "red": images whose embedding is close to a solid red
 image's are flagged. For the safety-checker tests.
+``tiny-lcm``: ``tiny`` as a latent consistency model (a U-Net with a guidance-scale embedding input,
+``time_cond_proj_dim``, and diffusers' LCMScheduler), as LCM-distilled checkpoints are.
+``tiny-sd2-v``: the SD 2.x layout (linear attention projections, per-level head counts, GELU text encoder, "!"
+padding) at toy width, predicting v (Salimans & Ho 2022) as SD 2.x 768 models do.
 ``sd15-random``: the full SD 1.5 architecture (859.5M-parameter U-Net) with random weights, for speed
 and memory figures.
+``tiny-taesd``: a tiny autoencoder (diffusers' AutoencoderTiny) with TAESD's own architecture, which is small
+already, and random weights: convert it beside a model with ``sdlite convert --tiny-vae``.
 """
 
 from __future__ import annotations
@@ -33,6 +39,16 @@ SD15_SCHEDULER = {
     "timestep_spacing": "leading",
     "prediction_type": "epsilon",
 }
+# An LCM checkpoint's scheduler (SimianLuo/LCM_Dreamshaper_v7, scheduler_config.json).
+LCM_SCHEDULER = {
+    **SD15_SCHEDULER,
+    "original_inference_steps": 50,
+    "timestep_scaling": 10.0,
+    "set_alpha_to_one": True,
+    "steps_offset": 1,
+}
+# SD 2.x 768-v's (stabilityai/stable-diffusion-2-1): DDIM on the SD 1.5 betas, predicting v.
+SD2_V_SCHEDULER = {**SD15_SCHEDULER, "prediction_type": "v_prediction"}
 
 
 @dataclass(frozen=True)
@@ -55,6 +71,10 @@ class Widths:
     unet_in_channels: int = 4
     # A toy safety checker and its feature extractor (see ``tiny_safety_checker``).
     safety_checker: bool = False
+    # Width of a latent consistency U-Net's guidance-scale embedding input (None: a regular U-Net).
+    time_cond_proj_dim: int | None = None
+    # SD 2.x's layout: linear attention projections, heads per level, GELU text encoder, v prediction.
+    sd2: bool = False
 
 
 _TINY = Widths(
@@ -76,6 +96,8 @@ RECIPES: dict[str, Widths] = {
     "tiny": _TINY,
     "tiny-inpaint": dataclasses.replace(_TINY, unet_in_channels=9),
     "tiny-safety": dataclasses.replace(_TINY, safety_checker=True),
+    "tiny-lcm": dataclasses.replace(_TINY, time_cond_proj_dim=32),
+    "tiny-sd2-v": dataclasses.replace(_TINY, sd2=True),
     "sd15-random": Widths(
         unet_channels=(320, 640, 1280, 1280),
         unet_layers=2,
@@ -149,6 +171,9 @@ def build_pipeline(widths: Widths, seed: int = 0):
     import torch
     from diffusers import (
         AutoencoderKL,
+        DDIMScheduler,
+        LatentConsistencyModelPipeline,
+        LCMScheduler,
         PNDMScheduler,
         StableDiffusionInpaintPipeline,
         StableDiffusionPipeline,
@@ -162,9 +187,14 @@ def build_pipeline(widths: Widths, seed: int = 0):
         in_channels=widths.unet_in_channels,
         block_out_channels=widths.unet_channels,
         layers_per_block=widths.unet_layers,
-        attention_head_dim=widths.unet_head_dim,
+        # SD 2.x: a head count per level (5, 10, 20, 20 at width 320 in the real model: 64-wide heads).
+        attention_head_dim=tuple(c // widths.unet_head_dim for c in widths.unet_channels)
+        if widths.sd2
+        else widths.unet_head_dim,
+        use_linear_projection=widths.sd2,
         norm_num_groups=widths.unet_groups,
         cross_attention_dim=widths.text_hidden,
+        time_cond_proj_dim=widths.time_cond_proj_dim,
     )
     vae = AutoencoderKL(
         block_out_channels=widths.vae_channels,
@@ -184,17 +214,23 @@ def build_pipeline(widths: Widths, seed: int = 0):
             num_attention_heads=widths.text_heads,
             max_position_embeddings=77,
             projection_dim=widths.text_hidden,
-            hidden_act="quick_gelu",
+            hidden_act="gelu" if widths.sd2 else "quick_gelu",
             bos_token_id=49406,
             eos_token_id=49407,
-            pad_token_id=1,
+            pad_token_id=0 if widths.sd2 else 1,
         )
     )
     with tempfile.TemporaryDirectory() as tok_dir:
         write_clip_tokenizer(tok_dir)
-        tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
-    scheduler = PNDMScheduler.from_config(SD15_SCHEDULER)
-    pipeline_class = StableDiffusionInpaintPipeline if widths.unet_in_channels == 9 else StableDiffusionPipeline
+        # OpenCLIP (SD 2.x) pads with "!" (id 0) where OpenAI's CLIP repeats the end token.
+        tokenizer = CLIPTokenizer.from_pretrained(tok_dir, **({"pad_token": "!"} if widths.sd2 else {}))
+    if widths.time_cond_proj_dim:
+        scheduler, pipeline_class = LCMScheduler.from_config(LCM_SCHEDULER), LatentConsistencyModelPipeline
+    elif widths.sd2:
+        scheduler, pipeline_class = DDIMScheduler.from_config(SD2_V_SCHEDULER), StableDiffusionPipeline
+    else:
+        scheduler = PNDMScheduler.from_config(SD15_SCHEDULER)
+        pipeline_class = StableDiffusionInpaintPipeline if widths.unet_in_channels == 9 else StableDiffusionPipeline
     checker, processor = tiny_safety_checker(seed) if widths.safety_checker else (None, None)
     return pipeline_class(
         vae=vae,
@@ -208,11 +244,24 @@ def build_pipeline(widths: Widths, seed: int = 0):
     )
 
 
+def build_tiny_vae(seed: int = 0):
+    """A ``diffusers.AutoencoderTiny`` with TAESD's architecture (SD's 4 latent channels) and random weights."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    return AutoencoderTiny().eval()
+
+
+# Recipes that are a model part rather than a whole pipeline.
+PART_RECIPES = {"tiny-taesd": build_tiny_vae}
+
+
 def build(name: str, out: str | Path, seed: int = 0) -> Path:
     """Build recipe ``name`` and save it as a diffusers folder at ``out`` (written atomically)."""
-    if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; known recipes: {', '.join(RECIPES)}")
-    pipe = build_pipeline(RECIPES[name], seed)
+    if name not in RECIPES and name not in PART_RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; known recipes: {', '.join([*RECIPES, *PART_RECIPES])}")
+    model = PART_RECIPES[name](seed) if name in PART_RECIPES else build_pipeline(RECIPES[name], seed)
     with atomic_output_dir(out) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True)
     return Path(out)

@@ -171,6 +171,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         memory_budget_gb=args.memory_budget,
         resume=args.resume,
         verbose=args.verbose,
+        tiny_vae=args.tiny_vae,
     )
     if not args.quiet:
         print(f"wrote {args.out}")
@@ -396,6 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--size", type=parse_size)
     conv.add_argument(
         "--lora", action="append", default=[], metavar="FILE[:WEIGHT]", help="fuse a LoRA (repeatable; weight 1)"
+    )
+    conv.add_argument(
+        "--tiny-vae",
+        metavar="PATH_OR_ID",
+        help="also convert this tiny autoencoder (TAESD: an AutoencoderTiny folder or hub id) for --vae taesd and "
+        "previews",
     )
     conv.add_argument(
         "--memory-budget",

@@ -2,7 +2,8 @@
 
 :class:`Denoiser` owns classifier-free guidance (Ho & Salimans 2022, eq. 6: one U-Net batch of
 [unconditional, conditional], combined as ``uncond + s * (cond - uncond)``; at a scale of 1 or below the
-unconditional half is never run), the sampler's input scaling, and the model inputs beside the sample (the
+unconditional half is never run) with its optional rescale, the sampler's input scaling, and the model inputs
+beside the sample (the
 family's conditioning, an inpainting U-Net's mask channels), passed to the graph by input name.
 
 :func:`schedule_start` is where img2img and inpainting strength cut the schedule: at the start of a sampler
@@ -79,12 +80,15 @@ class Denoiser:
     ``conditioning`` holds the graph inputs other than the sample and timestep, batched as
     [unconditional..., conditional...] when guided (``cfg_scale > 1``), conditional only otherwise;
     ``channels`` are extra input channels concatenated after the scaled sample (an inpainting U-Net's mask and
-    masked-image latents), for one copy of the batch."""
+    masked-image latents), for one copy of the batch. ``cfg_rescale`` phi > 0 rescales the guided prediction
+    towards the conditional one's standard deviation (Lin et al. 2024, "Common Diffusion Noise Schedules and
+    Sample Steps are Flawed", eq. 15-16), as diffusers' ``guidance_rescale``."""
 
     unet: Engine
     conditioning: Mapping[str, np.ndarray]
     cfg_scale: float
     channels: np.ndarray | None = None
+    cfg_rescale: float = 0.0
     _copies: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -113,7 +117,17 @@ class Denoiser:
         if self.guided:
             uncond, cond = np.split(output, 2)
             output = uncond + np.float32(self.cfg_scale) * (cond - uncond)
+            if self.cfg_rescale > 0:
+                output = rescale_guidance(output, cond, self.cfg_rescale)
         return output, scaled
+
+
+def rescale_guidance(guided: np.ndarray, cond: np.ndarray, phi: float) -> np.ndarray:
+    """Lin et al. 2024, eq. 15-16: the guided prediction scaled to the conditional prediction's standard deviation
+    (per image), mixed with the unscaled one by ``phi``; keeps high CFG from over-exposing zero-SNR models."""
+    axes = tuple(range(1, guided.ndim))
+    rescaled = guided * (cond.std(axis=axes, keepdims=True) / guided.std(axis=axes, keepdims=True))
+    return (np.float32(phi) * rescaled + np.float32(1 - phi) * guided).astype(np.float32)
 
 
 def denoise(

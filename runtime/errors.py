@@ -15,6 +15,10 @@ class InputError(SdliteError):
     exit_code = 2
 
 
+class SdliteWarning(UserWarning):
+    """Something the user asked for has no effect (the CLI prints it as one ``warning:`` line)."""
+
+
 def non_finite(stage: str) -> SdliteError:
     """The error for NaN or infinity in what ``stage`` produced: such a result would otherwise become a black or
     noise image, written as if nothing had happened."""

@@ -35,6 +35,7 @@ class ModelFacts:
     token_merging: float
     engine: str
     compute: str
+    vae: str | None = None  # the autoencoder's name when it is not the model's own (A1111's "VAE")
 
 
 @dataclass
@@ -102,6 +103,7 @@ class Finisher:
             "Size": size or f"{request.width}x{request.height}",
             "Model hash": short_hash(facts.model_hash) if facts.model_hash else None,
             "Model": facts.name,
+            "VAE": facts.vae,
             # A1111 writes the hashes of the LoRAs it applied; here they were fused at conversion.
             "Lora hashes": facts.lora_hashes,
             # The embeddings the prompt or negative prompt named, as A1111 records them.
@@ -110,6 +112,8 @@ class Finisher:
             "Token merging ratio": facts.token_merging or None,
             # A1111 writes the key only when the setting is off its default.
             "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
+            # The key A1111's CFG rescale extension writes.
+            "CFG Rescale phi": request.cfg_rescale or None,
             # A1111 writes no RNG key for its GPU default; sdlite's numpy source has no A1111 name.
             "RNG": A1111_RNG.get(request.seed_source, request.seed_source),
             "Engine": facts.engine,

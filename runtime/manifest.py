@@ -97,6 +97,8 @@ class Manifest:
     # LoRAs fused into the weights at conversion, in order: name, sha256 (whole file), a1111_hash (sha256
     # of the tensor bytes, as A1111's "Lora hashes" infotext key uses), weight, layers.
     loras: list[dict] = field(default_factory=list)
+    # The tiny autoencoder (TAESD) converted beside the VAE, by name, when there is one.
+    tiny_vae: str | None = None
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> dict:
@@ -133,6 +135,9 @@ class Manifest:
             for lora in loras
         ):
             raise ValueError("loras: expected a list of objects with a name and an a1111_hash")
+        tiny_vae = data.get("tiny_vae")
+        if tiny_vae is not None and not isinstance(tiny_vae, str):
+            raise ValueError(f"tiny_vae {tiny_vae!r}: expected a name")
         return cls(
             family=_field(data, "family", str),
             name=_field(data, "name", str),
@@ -142,6 +147,7 @@ class Manifest:
             source_sha256=source,
             components={part: [_variant(part, v) for v in variants] for part, variants in components.items()},
             loras=list(loras),
+            tiny_vae=tiny_vae,
             format_version=_field({"format_version": FORMAT_VERSION, **data}, "format_version", int),
         )
 

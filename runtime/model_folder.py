@@ -189,6 +189,14 @@ class ModelFolder:
             raise InputError(f"{self.path}: {component} has no {wanted} variant; it holds: {have}")
         return matching[0]
 
+    def tiny_vae_precision(self, part: str, formats: tuple[str, ...], precision: str | None) -> str | None:
+        """The precision of the tiny VAE's ``part`` that goes with the model's ``precision``: the same when held,
+        else fp16 for any reduced precision (it is converted in fp32 and fp16 only), else the first held."""
+        held = {v.precision for v in self.variants(part) if v.format in formats}
+        if precision in held or precision is None:
+            return precision
+        return "fp16" if precision != "fp32" and "fp16" in held else None
+
     def part_config(self, part: str) -> dict:
         """The ``config.json`` of ``part`` ({} when the folder has none), read once."""
         if part not in self._configs:

@@ -22,7 +22,7 @@ from sdlite.errors import InputError, check_finite
 from sdlite.family import StableDiffusionFamily
 from sdlite.finishing import Finisher, ModelFacts, SafetyChecker
 from sdlite.images import resize_to, to_pil, to_pixels, to_unit, working_size
-from sdlite.layout import REQUIRED_PARTS, SAFETY_CHECKER
+from sdlite.layout import SAFETY_CHECKER, TINY_VAE_DECODER, TINY_VAE_PARTS
 from sdlite.masks import check_extend, check_not_empty, masked_region, outpaint_canvas, paste_back, prepare_mask
 from sdlite.memory_guard import MemoryGuard, UNetShape
 from sdlite.model_folder import ModelFolder
@@ -30,7 +30,7 @@ from sdlite.parts import PartPool
 from sdlite.request import GenerationRequest, check_size, check_strength, is_finite_number, make_request
 from sdlite.rng import DEFAULT_SOURCE, NoiseGenerator
 from sdlite.safety import load_preprocessing
-from sdlite.vae import LatentCodec, Vae
+from sdlite.vae import VAE_CHOICES, LatentCodec, TinyVae, Vae
 
 __all__ = ["GenerationRequest", "Pipeline", "check_size", "check_strength"]
 
@@ -106,6 +106,9 @@ class Pipeline:
     each part (text encoder, U-Net, VAE) is loaded just before it runs and released afterwards, so the peak is
     the largest part rather than their sum. ``embeddings`` is a folder of textual-inversion embeddings that
     prompts can name (``sdlite.embeddings``).
+
+    ``vae="taesd"`` decodes (and encodes) with the tiny autoencoder converted beside the VAE (``sdlite convert
+    --tiny-vae``); when the folder has one, progress previews (:meth:`preview`) use it whatever ``vae`` is.
     """
 
     def __init__(
@@ -121,8 +124,16 @@ class Pipeline:
         safety_checker: bool = True,
         embeddings: str | Path | None = None,
         memory_budget: float | None = None,
+        vae: str = "full",
     ):
         check_engine(engine)
+        if vae not in VAE_CHOICES:
+            raise InputError(f"vae {vae!r}: unknown; known: {', '.join(VAE_CHOICES)}")
+        has_tiny_vae = bool(folder.variants(TINY_VAE_DECODER))
+        if vae == "taesd" and not has_tiny_vae:
+            raise InputError(
+                f"vae taesd: {folder.path} has no tiny VAE; convert the model with --tiny-vae (e.g. madebyollin/taesd)"
+            )
         if memory_budget is not None and not (is_finite_number(memory_budget) and memory_budget >= 0):
             raise InputError(f"memory_budget {memory_budget!r}: must be a number of GiB, 0 or more")
         self.folder = folder
@@ -147,7 +158,11 @@ class Pipeline:
         )
 
         def graph(name: str) -> Path:
-            return folder.graph(name, formats, None if name == SAFETY_CHECKER else precision)
+            if name == SAFETY_CHECKER:
+                return folder.graph(name, formats)
+            if name in TINY_VAE_PARTS:
+                return folder.graph(name, formats, folder.tiny_vae_precision(name, formats, precision))
+            return folder.graph(name, formats, precision)
 
         conditioner = TextConditioner(self.tokenizer, graph("text_encoder"), self.embeddings)
         edit = conditioner.graph_edit
@@ -161,18 +176,30 @@ class Pipeline:
             budget_bytes=budget,
             edits={"text_encoder": edit} if edit is not None else None,
         )
-        # Resolve every graph now, so a missing part or precision fails before any work.
-        resident = [*REQUIRED_PARTS, *([SAFETY_CHECKER] if self.safety_checker else [])]
+        guidance_width = folder.part_config("unet").get("time_cond_proj_dim")
+        self.family = StableDiffusionFamily(conditioner, self.parts.get, self.parts.done, guidance_width)
+        tiny = None
+        if has_tiny_vae:
+            tiny_config = folder.part_config(TINY_VAE_DECODER)
+            tiny = TinyVae(self.parts.get, float(tiny_config.get("scaling_factor", 1.0)), factor=folder.latent_factor)
+        self.vae: LatentCodec = (
+            tiny
+            if vae == "taesd"
+            else Vae(
+                self.parts.get,
+                folder.manifest.vae_scaling_factor,
+                tiling=vae_tiling,
+                budget_bytes=LOW_MEMORY_VAE_BUDGET if self.low_memory else None,
+                factor=folder.latent_factor,
+            )
+        )
+        # Previews decode with the tiny VAE when there is one: a fraction of a U-Net step instead of several.
+        self.preview_codec: LatentCodec = tiny or self.vae
+        # The parts every generation runs; resolve every graph now, so a missing part or precision fails first.
+        self.generation_parts = ("text_encoder", "unet", self.vae.decoder_part)
+        resident = [*self.generation_parts, *([SAFETY_CHECKER] if self.safety_checker else [])]
         for name in resident:
             self.parts.path(name)
-        self.family = StableDiffusionFamily(conditioner, self.parts.get, self.parts.done)
-        self.vae: LatentCodec = Vae(
-            self.parts.get,
-            folder.manifest.vae_scaling_factor,
-            tiling=vae_tiling,
-            budget_bytes=LOW_MEMORY_VAE_BUDGET if self.low_memory else None,
-            factor=folder.latent_factor,
-        )
         safety = None
         if self.safety_checker:
             safety = SafetyChecker(
@@ -187,9 +214,12 @@ class Pipeline:
             token_merging=self.token_merging,
             engine=engine,
             compute=self.compute_precision,
+            vae=(folder.manifest.tiny_vae or "taesd") if vae == "taesd" else None,
         )
         self.finisher = Finisher(facts, safety)
-        decoder_widths = folder.part_config("vae_decoder").get("block_out_channels") or [128]
+        decoder_config = folder.part_config(self.vae.decoder_part)
+        decoder_widths = decoder_config.get("block_out_channels") or decoder_config.get("decoder_block_out_channels")
+        decoder_widths = decoder_widths or [128]
         self.memory_guard = MemoryGuard(
             UNetShape.from_config(folder.part_config("unet"), unet.attention),
             self.vae.factor,
@@ -216,6 +246,7 @@ class Pipeline:
         safety_checker: bool = True,
         embeddings: str | Path | None = None,
         memory_budget: float | None = None,
+        vae: str = "full",
     ) -> Pipeline:
         """Open the converted-model folder at ``path`` and load its parts in ``engine`` on ``device``.
 
@@ -223,7 +254,7 @@ class Pipeline:
         ``vae_tiling`` (auto, on, off) decodes and encodes big images in tiles to bound memory;
         ``embeddings`` is a folder of textual-inversion embeddings (``.safetensors``, AUTOMATIC1111 or
         diffusers layout) that prompts use by name, no conversion needed; ``memory_budget`` (GiB) bounds what
-        the loaded parts hold (see :class:`Pipeline`)."""
+        the loaded parts hold (see :class:`Pipeline`); ``vae`` "taesd" decodes with the tiny VAE."""
         return cls(
             ModelFolder.open(path),
             engine=engine,
@@ -236,6 +267,7 @@ class Pipeline:
             safety_checker=safety_checker,
             embeddings=embeddings,
             memory_budget=memory_budget,
+            vae=vae,
         )
 
     @property
@@ -276,6 +308,7 @@ class Pipeline:
             default_size=self.default_size,
             default_sampler=self.default_sampler,
             scheduler_config=self.folder.scheduler_config,
+            embedded_guidance=self.family.embeds_guidance,
         )
 
     def txt2img(
@@ -293,6 +326,7 @@ class Pipeline:
         schedule: str | None = None,
         clip_skip: int = 1,
         watermark: bool = False,
+        cfg_rescale: float = 0.0,
         latents: np.ndarray | None = None,
         output_type: str = "pil",
         progress: bool = True,
@@ -310,6 +344,9 @@ class Pipeline:
         ``clip_skip`` 2 conditions on the text encoder's penultimate layer, as A1111's "Clip skip". ``watermark``
         hides the original Stable Diffusion scripts' invisible mark ("StableDiffusionV1") in the images, which
         invisible-watermark's ``dwtDct`` decoder reads back (``sdlite.watermark``; images of 256x256 pixels or more).
+        ``cfg_rescale`` (0..1) rescales the guided prediction (Lin et al. 2024; A1111's "CFG Rescale"), for models
+        trained with zero terminal SNR. A negative prompt at CFG 1 or below (or on a model that embeds the scale, such
+        as LCM) is not used, and a :class:`sdlite.errors.SdliteWarning` says so.
         """
         request = self._check(
             prompt,
@@ -325,6 +362,7 @@ class Pipeline:
             schedule,
             clip_skip,
             watermark,
+            cfg_rescale,
         )
         self.finisher.check_request(request, (request.width, request.height))
         if output_type == "latent":
@@ -503,13 +541,18 @@ class Pipeline:
 
     def preview(self, latents: np.ndarray) -> list[Image.Image]:
         """Images of clean-latent estimates (N, C, h, w), such as a step callback's ``denoised``: what a
-        progress preview shows."""
-        return to_pil(np.nan_to_num(self._decode(np.asarray(latents, np.float32))))
+        progress preview shows; decoded by the tiny VAE when the folder has one."""
+        return to_pil(np.nan_to_num(self._decode(np.asarray(latents, np.float32), self.preview_codec)))
 
-    def _decode(self, latents: np.ndarray) -> np.ndarray:
-        images = self.vae.decode(latents)
-        self.parts.done("vae_decoder")
+    def _decode(self, latents: np.ndarray, codec: LatentCodec | None = None) -> np.ndarray:
+        codec = codec or self.vae
+        images = codec.decode(latents)
+        self.parts.done(codec.decoder_part)
         return images
+
+    def _encode(self, pixels: np.ndarray, draw) -> np.ndarray:
+        """Latents of ``pixels``; a posterior sample draws its noise from ``draw`` (the image's stream)."""
+        return self.vae.encode_latents(pixels, draw() if self.vae.samples_posterior else None)
 
     def _sample(
         self,
@@ -543,22 +586,21 @@ class Pipeline:
             noise = draw() if init.latents is None else _checked_latents(init.latents, (request.batch, *shape[1:]))
             latents = noise * np.float32(scheduler.init_noise_sigma)
         elif init.mask is None:
-            if init.image_latents is not None:
-                image_latents = init.image_latents
-            else:
-                image_latents = self.vae.encode_latents(init.pixels, draw())
+            image_latents = init.image_latents
+            if image_latents is None:
+                image_latents = self._encode(init.pixels, draw)
             noise = draw()
             latents = scheduler.noise_to(image_latents, noise, start)
         else:
             full_strength = init.strength == 1.0
             if not conditioned or not full_strength:
-                image_latents = self.vae.encode_latents(init.pixels, draw())
+                image_latents = self._encode(init.pixels, draw)
             noise = draw()
             if full_strength:
                 latents = noise * np.float32(scheduler.init_noise_sigma)
             else:
                 latents = scheduler.noise_to(image_latents, noise, start)
-            masked_noise = draw()
+            masked_noise = draw() if self.vae.samples_posterior else None
             if conditioned:
                 masked_latents = self.vae.encode_latents(init.pixels * (init.mask < 0.5), masked_noise)
             # Nearest-neighbour downsampling to the latent grid, as torch's interpolate does by default.
@@ -571,7 +613,7 @@ class Pipeline:
         if conditioned and mask_latents is None:
             raise InputError(f"{self.folder.path}: this is an inpainting model; use inpaint or outpaint")
         if init.pixels is not None:
-            self.parts.done("vae_encoder")
+            self.parts.done(self.vae.encoder_part)
 
         after_step = None
         if mask_latents is not None and not conditioned:
@@ -585,7 +627,8 @@ class Pipeline:
 
         # An inpainting U-Net's extra channels (mask, masked-image latents) are the same at every step.
         channels = np.concatenate([mask_latents, masked_latents], axis=1) if conditioned else None
-        denoiser = Denoiser(self.parts.get("unet"), conditioning, request.cfg_scale, channels)
+        cfg = request.cfg_scale if request.guided else 1.0
+        denoiser = Denoiser(self.parts.get("unet"), conditioning, cfg, channels, request.cfg_rescale)
         latents = denoise(scheduler, start, latents, denoiser, draw, after_step, callback, progress)
         self.parts.done("unet")
         return latents
@@ -594,7 +637,8 @@ class Pipeline:
         """Refuse a request whose working set would not fit in the memory available (``sdlite.memory_guard``)."""
         # Parts load one at a time when they are not resident: the largest still to load is what the stages add.
         to_load = max(
-            (self.parts.resident_bytes(part) for part in REQUIRED_PARTS if part not in self.parts.loaded()), default=0
+            (self.parts.resident_bytes(part) for part in self.generation_parts if part not in self.parts.loaded()),
+            default=0,
         )
         self.memory_guard.check(request.width, request.height, request.batch, request.guided, to_load)
 

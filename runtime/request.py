@@ -9,6 +9,7 @@ choices and these checks agree.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from numbers import Integral, Real
@@ -18,7 +19,7 @@ import numpy as np
 
 from sdlite import schedulers
 from sdlite.conditioning import check_clip_skip
-from sdlite.errors import InputError
+from sdlite.errors import InputError, SdliteWarning
 from sdlite.rng import DEFAULT_SOURCE, SOURCES
 
 MAX_SEED = 2**64 - 1
@@ -47,11 +48,17 @@ class GenerationRequest:
     schedule: str | None = None
     clip_skip: int = 1
     watermark: bool = False
+    # Guidance rescale phi (Lin et al. 2024, eq. 16; A1111's "CFG Rescale"): 0 is plain classifier-free guidance.
+    cfg_rescale: float = 0.0
+    # The model takes the CFG scale as an input (a latent consistency U-Net's guidance embedding) instead of
+    # running an unconditional pass.
+    embedded_guidance: bool = False
 
     @property
     def guided(self) -> bool:
-        """Classifier-free guidance runs only above CFG 1 (at 1 it equals the conditional prediction)."""
-        return self.cfg_scale > 1.0
+        """Whether classifier-free guidance runs (an unconditional pass beside the conditional one): above CFG 1
+        (at 1 it equals the conditional prediction), unless the model embeds the scale."""
+        return self.cfg_scale > 1.0 and not self.embedded_guidance
 
 
 def check_size(width: int, height: int) -> None:
@@ -101,13 +108,16 @@ def make_request(
     schedule: str | None = None,
     clip_skip: int = 1,
     watermark: bool = False,
+    cfg_rescale: float = 0.0,
     *,
     default_size: tuple[int, int],
     default_sampler: str,
     scheduler_config: Mapping[str, Any],
+    embedded_guidance: bool = False,
 ) -> GenerationRequest:
     """Check every parameter and fill the defaults (the model's size and sampler, a random seed when ``seed``
-    is None or negative); raises InputError naming the first wrong parameter and what it should be."""
+    is None or negative); raises InputError naming the first wrong parameter and what it should be. A negative
+    prompt that no unconditional pass will read is reported with an :class:`~sdlite.errors.SdliteWarning`."""
     if not isinstance(prompt, str):
         raise InputError(f"prompt {prompt!r}: must be text")
     if negative_prompt is not None and not isinstance(negative_prompt, str):
@@ -119,6 +129,8 @@ def make_request(
     batch = _integer("batch", batch, 1, MAX_BATCH)
     if not is_finite_number(cfg_scale) or not 0.0 <= float(cfg_scale) <= MAX_CFG_SCALE:
         raise InputError(f"cfg_scale {cfg_scale!r}: must be a finite number from 0 to {MAX_CFG_SCALE:g}")
+    if not is_finite_number(cfg_rescale) or not 0.0 <= float(cfg_rescale) <= 1.0:
+        raise InputError(f"cfg_rescale {cfg_rescale!r}: must be a number from 0 (off) to 1")
     seed = _integer("seed", chosen_seed(seed), 0, MAX_SEED)
     try:
         sampler = schedulers.canonical_name(sampler or default_sampler)
@@ -133,7 +145,7 @@ def make_request(
     if seed_source not in SOURCES:
         raise InputError(f"seed_source {seed_source!r}: unknown; known: {', '.join(SOURCES)}")
     check_clip_skip(clip_skip)
-    return GenerationRequest(
+    request = GenerationRequest(
         prompt,
         negative_prompt or "",
         steps,
@@ -147,4 +159,11 @@ def make_request(
         schedule,
         int(clip_skip),
         bool(watermark),
+        float(cfg_rescale),
+        embedded_guidance,
     )
+    if request.negative_prompt and not request.guided:
+        # diffusers and A1111 skip the unconditional pass here too; the user should know the text went unread.
+        reason = "this model embeds the CFG scale" if embedded_guidance else f"at CFG scale {request.cfg_scale:g}"
+        warnings.warn(f"the negative prompt is not used: {reason} (no unconditional pass)", SdliteWarning, 2)
+    return request

@@ -1,4 +1,5 @@
-"""The VAE stages: images to latents (encoder) and latents to images (decoder), tiled when large."""
+"""The VAE stages: images to latents (encoder) and latents to images (decoder), tiled when large; and the tiny
+autoencoder (TAESD) that can stand in for both."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import numpy as np
 
 from sdlite.engines import Engine
 from sdlite.errors import InputError, check_finite
-from sdlite.layout import LATENT_CHANNELS
+from sdlite.layout import LATENT_CHANNELS, TINY_VAE_DECODER, TINY_VAE_ENCODER
 from sdlite.tiling import run_tiled
 
 TILING_MODES = ("auto", "on", "off")
+# Which autoencoder makes the images: the model's own, or the tiny one converted beside it (TAESD).
+VAE_CHOICES = ("full", "taesd")
 # Decoder working set per output pixel, measured on SD 1.5's VAE with onnxruntime (3.46 GB for one
 # 1024x1024 decode; benchmarks/vae_tiling.py):
 # the last up-block holds several 128-channel fp32 maps at full resolution.
@@ -41,6 +44,10 @@ class LatentCodec(Protocol):
 
     channels: int
     factor: int
+    # The parts that run each way (the pool's names), and whether encoding samples a posterior (draws noise).
+    encoder_part: str
+    decoder_part: str
+    samples_posterior: bool
 
     def encode_latents(self, pixels: np.ndarray, noise: np.ndarray) -> np.ndarray:
         """Latents of ``pixels``, sampled from the posterior with standard normal ``noise`` where there is one."""
@@ -57,6 +64,8 @@ class Vae:
 
     ``tiling="auto"`` tiles when the decoder's estimated working set for the image exceeds
     ``budget_bytes`` (default: half the memory available when the pipeline starts)."""
+
+    encoder_part, decoder_part, samples_posterior = "vae_encoder", "vae_decoder", True
 
     def __init__(
         self,
@@ -139,3 +148,46 @@ class Vae:
         """A sample of the posterior (mean + std * noise), scaled to the U-Net's latent space."""
         mean, std = self.encode(pixels)
         return ((mean + std * noise) * self.scaling_factor).astype(np.float32)
+
+
+class TinyVae:
+    """TAESD (Bohan 2023, github.com/madebyollin/taesd; diffusers' ``AutoencoderTiny``): an encoder and decoder
+    distilled from the model's VAE that work on the U-Net's latents directly and cost a small fraction of its
+    time. The encoder is deterministic (no posterior to sample). Not tiled: the memory guard refuses sizes whose
+    whole-image decode would not fit."""
+
+    encoder_part, decoder_part, samples_posterior = TINY_VAE_ENCODER, TINY_VAE_DECODER, False
+
+    def __init__(
+        self,
+        engine: Callable[[str], Engine],
+        scaling_factor: float = 1.0,
+        channels: int = LATENT_CHANNELS,
+        factor: int = 8,
+    ):
+        self._engine = engine
+        self.scaling_factor = scaling_factor
+        self.channels = channels
+        self.factor = factor
+
+    def decode_pixels(self, width: int, height: int) -> int:
+        """Output pixels the decoder works on at once: the whole image."""
+        return width * height
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Latents (N, 4, h, w) -> images (N, 8h, 8w, 3) in 0..1, one image at a time."""
+        decoder = self._engine(self.decoder_part)
+        images = [
+            decoder.run({"latent_sample": (latents[i : i + 1] / self.scaling_factor).astype(np.float32)})["sample"]
+            for i in range(len(latents))
+        ]
+        return np.clip(np.concatenate(images).astype(np.float32) / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+
+    def encode_latents(self, pixels: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
+        """Images (N, 3, H, W) in -1..1 -> the U-Net's latents (``noise`` is not used: nothing is sampled)."""
+        encoder = self._engine(self.encoder_part)
+        latents = np.concatenate(
+            [encoder.run({"sample": pixels[i : i + 1].astype(np.float32)})["latent_sample"] for i in range(len(pixels))]
+        ).astype(np.float32)
+        check_finite(latents, "the tiny VAE encoder")
+        return latents * np.float32(self.scaling_factor)
