@@ -20,6 +20,8 @@ from sdlite.convert.memory_plan import GB, Step, check_plan, default_budget, mak
 from sdlite.convert.onnx_export import export_onnx, save_onnx
 from sdlite.convert.parts import final_layer_norm, part_spec, trace_size, vae_scale_factor, validation_size
 from sdlite.convert.phases import PhaseMeter
+from sdlite.convert.presets import CHOICES as PRESET_CHOICES
+from sdlite.convert.presets import model_defaults
 from sdlite.convert.token_merging import MAX_RATIO
 from sdlite.convert.validate import ValidationError, reference_outputs, validate_graph
 from sdlite.convert.variants import FORMATS, PRECISIONS, derive, onnx_to_openvino, save_ir
@@ -390,6 +392,7 @@ def convert(
     resume: bool = False,
     verbose: bool = False,
     tiny_vae: str | None = None,
+    preset: str = "auto",
 ) -> Manifest:
     """Export every part of ``source`` to ``out`` in each format and precision, validating each against
     PyTorch.
@@ -405,11 +408,14 @@ def convert(
     image. ``verbose`` prints each phase's seconds and peak memory at the end (otherwise only the largest).
     ``tiny_vae`` (an AutoencoderTiny folder or hub id: TAESD) is converted beside the VAE, in fp32 and, when a
     reduced precision is asked for, fp16 (its weights are a few MB: int8 would save nothing worth its error).
+    ``preset`` names the few-step family whose generation defaults go into the manifest ("auto": detected, see
+    ``sdlite.convert.presets``).
     """
     formats, precisions = formats or ["onnx"], precisions or ["fp32"]
     _check_choice("format", formats, FORMATS)
     _check_choice("precision", precisions, PRECISIONS)
     _check_choice("attention", [attention], ATTENTION_VARIANTS)
+    _check_choice("preset", [preset], PRESET_CHOICES)
     if not 0 <= token_merging <= MAX_RATIO:
         raise InputError(f"--token-merging {token_merging}: must be between 0 (off) and {MAX_RATIO}")
     if "w8a8" in precisions and "openvino" not in formats:
@@ -430,6 +436,7 @@ def convert(
     # Weights are memory-mapped, not read: a part's pages come in when it is exported.
     loaded = load_checkpoint(source, allow_pickle=allow_pickle)
     pipe = loaded.pipe
+    family_preset, defaults = model_defaults(preset, pipe.unet.config, loaded.name, [s.path for s in loras or []])
     lora_records = fuse_loras(pipe, loras or [], allow_pickle=allow_pickle)
     tiny = load_tiny_vae(tiny_vae, pipe.vae.config.latent_channels) if tiny_vae else None
     factor = vae_scale_factor(pipe)
@@ -442,6 +449,8 @@ def convert(
         source_sha256=loaded.sha256,
         loras=lora_records,
         tiny_vae=tiny.name if tiny else None,
+        preset=family_preset,
+        defaults=defaults,
     )
     set_attention(pipe, attention, token_merging)
     split_geglu(pipe.unet)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
-from sdlite.errors import InputError, SdliteError, summarize
+from sdlite.errors import InputError, SdliteError, SdliteWarning, summarize
 from sdlite.layout import MODEL_INDEX
 
 
@@ -62,6 +63,7 @@ def _load_options(args: argparse.Namespace) -> dict:
         compute=args.compute,
         safety_checker=not args.no_safety_checker,
         embeddings=args.embeddings,
+        vae=args.vae,
     )
 
 
@@ -103,8 +105,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     seed = chosen_seed(args.seed)
     outputs = _output_paths(args.output, seed, args.batch)  # fail before loading anything
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise InputError(f"--steps {args.steps}: must be at least 1")
+    if args.preview_every < 0:
+        raise InputError(f"--preview-every {args.preview_every}: must be 0 (no previews) or more")
     for name in ("image", "mask"):
         if getattr(args, name, None) and not Path(getattr(args, name)).is_file():
             raise InputError(f"--{name} {getattr(args, name)}: file not found")
@@ -123,8 +127,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         schedule=args.schedule,
         clip_skip=args.clip_skip,
         watermark=args.watermark,
+        cfg_rescale=args.cfg_rescale,
         progress=not args.quiet,
     )
+    if args.preview_every:
+        common["callback"] = _preview_writer(pipe, outputs[0], args.preview_every, args.quiet)
     images = _mode_call(args, pipe, common)
     for image, path in zip(images, outputs, strict=True):
         save_png(image, path)
@@ -140,6 +147,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _preview_writer(pipe, output: Path, every: int, quiet: bool):
+    """A step callback that writes the first image's preview to ``<output stem>.preview.png`` every ``every``
+    model evaluations (replacing the file atomically, so a viewer never reads half of it)."""
+    from sdlite.images import save_png
+
+    path = output.with_name(f"{output.stem}.preview.png")
+
+    def write(step: int, total: int, latents, denoised) -> None:
+        if (step + 1) % every and step + 1 != total:
+            return
+        save_png(pipe.preview(denoised[:1])[0], path)
+        if not quiet and step + 1 == every:
+            print(f"previews: {path}", file=sys.stderr)
+
+    return write
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -172,6 +196,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         resume=args.resume,
         verbose=args.verbose,
         tiny_vae=args.tiny_vae,
+        preset=args.preset,
     )
     if not args.quiet:
         print(f"wrote {args.out}")
@@ -200,6 +225,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"size       {manifest.default_size[0]}x{manifest.default_size[1]} (default)")
     print(f"vae scale  {manifest.vae_scaling_factor:g}")
     print(f"hash       {manifest.source_sha256[:10] if manifest.source_sha256 else 'unknown'}")
+    if manifest.defaults:
+        given = ", ".join(f"{key} {value}" for key, value in manifest.defaults.items())
+        print(f"defaults   {given} ({manifest.preset or 'given'})")
+    if manifest.tiny_vae:
+        print(f"tiny vae   {manifest.tiny_vae} (--vae taesd; previews)")
     for component, variants in manifest.components.items():
         for variant in variants:
             size = sum((folder.path / f).stat().st_size for f in variant.files if (folder.path / f).is_file())
@@ -230,6 +260,7 @@ def parse_extend(text: str) -> tuple[int, int, int, int]:
 def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags that say how a model is loaded (read back by :func:`_load_options`)."""
     from sdlite.engines import COMPUTE_PRECISIONS, ENGINES
+    from sdlite.vae import VAE_CHOICES
 
     parser.add_argument(
         "--embeddings",
@@ -252,6 +283,12 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not run the model's safety checker (by default flagged images are saved black)",
     )
+    parser.add_argument(
+        "--vae",
+        default="full",
+        choices=VAE_CHOICES,
+        help="taesd: decode with the tiny VAE converted beside the model (--tiny-vae): much faster, a little softer",
+    )
 
 
 def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -261,8 +298,17 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt")
     parser.add_argument("-m", "--model", help="converted-model folder (default: the packaged model)")
     parser.add_argument("-n", "--negative", default="", help="negative prompt")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the model's, else 20)")
+    parser.add_argument(
+        "--cfg", type=float, help="classifier-free guidance scale (default: the model's, else 7.5; 1 or less: off)"
+    )
+    parser.add_argument(
+        "--cfg-rescale",
+        type=float,
+        default=0.0,
+        metavar="PHI",
+        help="rescale guidance towards the conditional prediction (0-1; 0.7 for zero-terminal-SNR models)",
+    )
     parser.add_argument(
         "--sampler", help="A1111 sampler name (default: the model's own scheduler); see `sdlite samplers`"
     )
@@ -287,6 +333,13 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
         help="invisible 'StableDiffusionV1' mark that invisible-watermark's dwtDct decoder reads (images >= 256x256)",
     )
     parser.add_argument("-o", "--output", help="output PNG (default: sdlite-SEED.png)")
+    parser.add_argument(
+        "--preview-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="write OUTPUT.preview.png every N steps (with the tiny VAE when the model has one)",
+    )
     parser.add_argument("--quiet", action="store_true")
     parser.set_defaults(func=cmd_generate)
 
@@ -405,6 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
         "previews",
     )
     conv.add_argument(
+        "--preset",
+        default="auto",
+        help="few-step family whose defaults (steps, CFG, sampler) the model gets: auto (detect), none, lcm, turbo, "
+        "lightning",
+    )
+    conv.add_argument(
         "--memory-budget",
         type=float,
         metavar="GB",
@@ -442,6 +501,7 @@ def cmd_bench(argv: list[str]) -> int:
 # Library errors name parameters; the CLI user knows them by these flags.
 _FLAGS = {
     "cfg_scale": "--cfg",
+    "cfg_rescale": "--cfg-rescale",
     "negative_prompt": "--negative",
     "steps": "--steps",
     "seed": "--seed",
@@ -461,9 +521,21 @@ def _with_flag_names(message: str) -> str:
     return f"{_FLAGS[name]} {rest}" if name in _FLAGS and rest else message
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """sdlite's own warnings as one ``warning:`` line; others as Python shows them."""
+    if issubclass(category, SdliteWarning):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``sdlite`` console script."""
     argv = sys.argv[1:] if argv is None else argv
+    warnings.showwarning = _show_warning
     try:
         if argv[:1] == ["bench"]:
             return cmd_bench(argv[1:])

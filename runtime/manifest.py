@@ -18,6 +18,8 @@ from sdlite.layout import GRAPH_FILES, MANIFEST_NAME
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 FORMAT_VERSION = 1
+# Generation parameters a model's manifest may give defaults for.
+DEFAULT_KEYS = ("steps", "cfg_scale", "sampler", "schedule")
 
 
 @dataclass
@@ -99,6 +101,10 @@ class Manifest:
     loras: list[dict] = field(default_factory=list)
     # The tiny autoencoder (TAESD) converted beside the VAE, by name, when there is one.
     tiny_vae: str | None = None
+    # A few-step family (lcm, turbo, lightning) and the generation defaults it needs: any of steps, cfg_scale,
+    # sampler, schedule; the runtime uses them where the user gives none.
+    preset: str | None = None
+    defaults: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> dict:
@@ -135,6 +141,12 @@ class Manifest:
             for lora in loras
         ):
             raise ValueError("loras: expected a list of objects with a name and an a1111_hash")
+        defaults = data.get("defaults", {})
+        if not isinstance(defaults, dict) or not set(defaults) <= set(DEFAULT_KEYS):
+            raise ValueError(f"defaults {defaults!r}: expected an object with some of {', '.join(DEFAULT_KEYS)}")
+        preset = data.get("preset")
+        if preset is not None and not isinstance(preset, str):
+            raise ValueError(f"preset {preset!r}: expected a name")
         tiny_vae = data.get("tiny_vae")
         if tiny_vae is not None and not isinstance(tiny_vae, str):
             raise ValueError(f"tiny_vae {tiny_vae!r}: expected a name")
@@ -148,6 +160,8 @@ class Manifest:
             components={part: [_variant(part, v) for v in variants] for part, variants in components.items()},
             loras=list(loras),
             tiny_vae=tiny_vae,
+            preset=preset,
+            defaults=dict(defaults),
             format_version=_field({"format_version": FORMAT_VERSION, **data}, "format_version", int),
         )
 

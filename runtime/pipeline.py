@@ -272,8 +272,16 @@ class Pipeline:
 
     @property
     def default_sampler(self) -> str:
-        """The sampler the model's own scheduler config names (SD 1.5: PNDM)."""
-        return _DEFAULT_SAMPLERS.get(self.folder.scheduler_config.get("_class_name", ""), "Euler a")
+        """The sampler the manifest's defaults name (a few-step model's), else the one the model's own scheduler
+        config names (SD 1.5: PNDM)."""
+        sampler = self.folder.manifest.defaults.get("sampler")
+        return sampler or _DEFAULT_SAMPLERS.get(self.folder.scheduler_config.get("_class_name", ""), "Euler a")
+
+    @property
+    def defaults(self) -> dict:
+        """The generation defaults the model's manifest gives (a few-step family's steps, cfg_scale, sampler,
+        schedule); what it leaves out is SD's usual (20 steps, CFG 7.5, the scheduler's sampler)."""
+        return dict(self.folder.manifest.defaults)
 
     @property
     def default_size(self) -> tuple[int, int]:
@@ -309,14 +317,15 @@ class Pipeline:
             default_sampler=self.default_sampler,
             scheduler_config=self.folder.scheduler_config,
             embedded_guidance=self.family.embeds_guidance,
+            model_defaults=self.folder.manifest.defaults,
         )
 
     def txt2img(
         self,
         prompt: str,
         negative_prompt: str = "",
-        steps: int = 20,
-        cfg_scale: float = 7.5,
+        steps: int | None = None,
+        cfg_scale: float | None = None,
         sampler: str | None = None,
         seed: int | None = None,
         width: int | None = None,
@@ -335,7 +344,9 @@ class Pipeline:
         """Generate ``batch`` images for ``prompt``.
 
         Image ``i`` uses seed ``seed + i`` (as AUTOMATIC1111 does), so any image of a batch can be made again
-        alone. ``latents``, when given, replaces the initial noise (shape (batch, 4, height/8, width/8)).
+        alone. ``steps``, ``cfg_scale``, ``sampler`` and ``schedule`` left None take the model's defaults
+        (:attr:`defaults`: a few-step model's), else 20 steps at CFG 7.5 with the scheduler's own sampler.
+        ``latents``, when given, replaces the initial noise (shape (batch, 4, height/8, width/8)).
         ``output_type="np"`` returns the decoded float images (batch, H, W, 3) in 0..1 instead of PIL images,
         ``output_type="latent"`` the final latents undecoded (for :meth:`img2img`'s ``image_latents``); PIL images
         carry their infotext in ``image.info["parameters"]``. ``callback(step, total, latents, denoised)`` runs

@@ -94,11 +94,16 @@ def _integer(name: str, value: Any, low: int, high: int) -> int:
     return int(value)
 
 
+# What a generation uses when neither the caller nor the model's manifest says (SD's usual settings).
+DEFAULT_STEPS = 20
+DEFAULT_CFG_SCALE = 7.5
+
+
 def make_request(
     prompt: str,
     negative_prompt: str | None = "",
-    steps: int = 20,
-    cfg_scale: float = 7.5,
+    steps: int | None = None,
+    cfg_scale: float | None = None,
     sampler: str | None = None,
     seed: int | None = None,
     width: int | None = None,
@@ -114,10 +119,25 @@ def make_request(
     default_sampler: str,
     scheduler_config: Mapping[str, Any],
     embedded_guidance: bool = False,
+    model_defaults: Mapping[str, Any] | None = None,
 ) -> GenerationRequest:
     """Check every parameter and fill the defaults (the model's size and sampler, a random seed when ``seed``
     is None or negative); raises InputError naming the first wrong parameter and what it should be. A negative
-    prompt that no unconditional pass will read is reported with an :class:`~sdlite.errors.SdliteWarning`."""
+    prompt that no unconditional pass will read is reported with an :class:`~sdlite.errors.SdliteWarning`.
+
+    ``model_defaults`` (the manifest's: steps, cfg_scale, sampler, schedule) fill what the caller left None: a
+    few-step model's 4 steps at CFG 1. Its schedule applies to the model's own sampler, or to another sampler that
+    takes it."""
+    model_defaults = model_defaults or {}
+    steps = model_defaults.get("steps", DEFAULT_STEPS) if steps is None else steps
+    cfg_scale = model_defaults.get("cfg_scale", DEFAULT_CFG_SCALE) if cfg_scale is None else cfg_scale
+    if schedule is None and model_defaults.get("schedule"):
+        try:
+            model_sampler = schedulers.canonical_name(sampler or default_sampler)
+            schedulers.infotext_fields(model_sampler, model_defaults["schedule"])
+            schedule = model_defaults["schedule"]
+        except ValueError:
+            pass  # a sampler the model's schedule does not suit runs its own
     if not isinstance(prompt, str):
         raise InputError(f"prompt {prompt!r}: must be text")
     if negative_prompt is not None and not isinstance(negative_prompt, str):

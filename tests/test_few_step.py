@@ -260,5 +260,49 @@ def test_lcm_lora_fused_at_conversion_matches_diffusers(tiny_diffusers, tmp_path
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     expected = pipe(PROMPT, num_inference_steps=4, guidance_scale=1.0, height=SIZE, width=SIZE, output_type="np")
     ours = Pipeline.load(tmp_path / "fused")
+    assert ours.defaults["sampler"] == "LCM"  # detected from the LoRA's name
     got = ours.txt2img(PROMPT, steps=4, cfg_scale=1.0, sampler="LCM", seed=SEED, output_type="np", progress=False)
     _check(got, expected.images)
+
+
+def test_few_step_defaults_are_detected_written_and_used(models, tiny_diffusers, tmp_path):
+    from sdlite.convert.converter import convert
+
+    lcm = Pipeline.load(models / "tiny-lcm")
+    assert lcm.folder.manifest.preset == "lcm"
+    assert lcm.defaults == {"steps": 4, "cfg_scale": 8.0, "sampler": "LCM"}
+    text = lcm.txt2img(PROMPT, seed=1, progress=False)[0].info["parameters"]
+    assert "Steps: 4, Sampler: LCM" in text and "CFG scale: 8" in text
+    # What the user gives wins over the model's defaults.
+    text = lcm.txt2img(PROMPT, steps=2, cfg_scale=3.0, seed=1, progress=False)[0].info["parameters"]
+    assert "Steps: 2, Sampler: LCM" in text and "CFG scale: 3" in text
+
+    convert(str(tiny_diffusers), tmp_path / "turbo", quiet=True, preset="turbo")
+    turbo = Pipeline.load(tmp_path / "turbo")
+    text = turbo.txt2img(PROMPT, seed=1, progress=False)[0].info["parameters"]
+    assert "Steps: 1, Sampler: Euler a, Schedule type: SGM Uniform, CFG scale: 1," in text
+    # A sampler that cannot take the model's schedule runs its own.
+    text = turbo.txt2img(PROMPT, sampler="DDIM", seed=1, progress=False)[0].info["parameters"]
+    assert "Sampler: DDIM" in text
+    assert Pipeline.load(models / "tiny").defaults == {}
+
+
+def test_cli_few_step_options(models, tmp_path, capsys):
+    from sdlite.cli import main
+
+    out = tmp_path / "a.png"
+    args = ["generate", PROMPT, "-m", str(models / "tiny"), "--vae", "taesd", "--steps", "3", "--seed", "1"]
+    assert main([*args, "-n", NEGATIVE, "--cfg", "1", "--preview-every", "2", "-o", str(out), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert err.strip() == "warning: the negative prompt is not used: at CFG scale 1 (no unconditional pass)"
+    assert out.is_file() and (tmp_path / "a.preview.png").is_file()
+    assert main([*args, "--cfg-rescale", "2", "-o", str(out)]) == 2
+    assert "--cfg-rescale 2.0: must be a number from 0 (off) to 1" in capsys.readouterr().err
+    assert main([*args, "--preview-every", "-1", "-o", str(out)]) == 2
+    assert main(["convert", str(models / "taesd"), str(tmp_path / "x"), "--preset", "fast"]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith("--preset fast: not supported; this version supports auto, none, lcm, turbo, lightning")
+    )
+    assert not (tmp_path / "x").exists()
