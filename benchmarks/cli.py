@@ -59,7 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=default_threads(), help="threads for every engine and peer")
     p.add_argument("--sampler", help="A1111 sampler name (default: the model's own scheduler)")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--cfg", type=float, default=7.5)
+    p.add_argument("--cfg", type=float, default=7.5, help="CFG scale (1 or less: no unconditional pass)")
+    p.add_argument(
+        "--vae",
+        default="full",
+        choices=("full", "taesd"),
+        help="taesd: decode with the model's tiny VAE (peers get the same OpenVINO decoder in place of their VAE's)",
+    )
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--warmup-steps", type=int, default=2, help="steps of the untimed first generation (0: none)")
     p.add_argument("--report", help="folder for report.json, report.md and chart.png")
@@ -105,6 +111,7 @@ def _settings(args: argparse.Namespace, folder) -> Settings:
         threads=args.threads,
         warmup_steps=max(0, args.warmup_steps),
         device=args.device,
+        vae=args.vae,
     )
 
 
@@ -281,22 +288,25 @@ def _peer_jobs(args: argparse.Namespace, settings: Settings, work: Path) -> list
     """(job, export job's cache folder or None) for every peer asked for."""
     from sdlite.benchmarks import peers
 
-    if not args.source:
-        raise InputError("--peers needs --source DIFFUSERS_FOLDER (the folder the model was converted from)")
-    source = Path(args.source)
-    if not (source / "model_index.json").is_file() or not (source / "unet").is_dir():
-        raise InputError(f"--source {source}: not a diffusers folder (no model_index.json and unet/)")
-    if args.sampler:
-        raise InputError("--peers runs every pipeline with the model's own scheduler; leave out --sampler")
     names = _split(args.peer) if args.peer else list(peers.PEERS)
     for name in names:
         if name not in peers.PEERS:
             raise InputError(f"--peer {name}: unknown; known: {', '.join(peers.PEERS)}")
+    if args.sampler:
+        raise InputError("--peers runs every pipeline with the model's own scheduler; leave out --sampler")
+    source = Path(args.source) if args.source else None
+    if source is None and set(names) - {peers.OV_IR}:
+        raise InputError("--peers needs --source DIFFUSERS_FOLDER (the folder the model was converted from)")
+    if source is not None and (not (source / "model_index.json").is_file() or not (source / "unet").is_dir()):
+        raise InputError(f"--source {source}: not a diffusers folder (no model_index.json and unet/)")
     cache = Path(args.peer_cache) if args.peer_cache else peers.default_cache_root()
     jobs = []
     for i, name in enumerate(names):
         export = peers.EXPORTS.get(name)
-        folder = peers.export_cache_dir(source, export, cache) if export else source.resolve()
+        if name == peers.OV_IR:
+            folder = peers.ir_view(Path(settings.model), peers.IR_PRECISION, work / "ir-view")
+        else:
+            folder = peers.export_cache_dir(source, export, cache) if export else source.resolve()
         result = str(work / f"peer{i}.json")
         jobs.append((Job(name, settings, result, options={"folder": str(folder)}), export))
     return jobs
@@ -369,7 +379,7 @@ def run(args: argparse.Namespace) -> int:
                 {"name": name, "kind": kind, "config": asdict(config), "reference": config == reference, **result}
             )
             progress.update()
-        source = str(Path(args.source).resolve()) if args.peers else None
+        source = str(Path(args.source).resolve()) if args.peers and args.source else None
         rows += _run_peers(peer_jobs, source, work, progress, args.timeout)
         for row, (job, _) in zip(rows[len(todo) :], peer_jobs, strict=True):
             if Path(job.result).with_suffix(".npy").is_file():

@@ -3,7 +3,10 @@
     python -m sdlite.benchmarks.peers --source DIFFUSERS_FOLDER [-m CONVERTED] [--size 512x512] [--steps 20]
 
 Peers: diffusers on PyTorch CPU (fp32); optimum-intel's ``OVStableDiffusionPipeline`` with fp32 weights and
-with int8 weights, reshaped to static shapes; optimum's ``ORTStableDiffusionPipeline``. Each runs in its own
+with int8 weights, reshaped to static shapes, and the same pipeline on the model folder's own fp16 OpenVINO IR
+(which optimum-intel loads as it is: no export, the same graphs sdlite's fp16 rows run); optimum's
+``ORTStableDiffusionPipeline``. With ``--vae taesd`` every peer decodes with the model folder's OpenVINO TAESD
+decoder in place of its VAE decoder, as FastSD CPU runs optimum-intel. Each runs in its own
 process (see :mod:`sdlite.benchmarks.runner`), with its text encoder, U-Net and VAE decoder calls timed by
 wrapping them, so the figures are measured exactly as sdlite's are. The optimum peers need their own export
 of the folder; it is made once (in a subprocess of its own, so it does not count in the peer's memory) and
@@ -27,7 +30,10 @@ DIFFUSERS = "diffusers-torch fp32"
 OV_FP32 = "optimum-openvino fp32"
 OV_INT8 = "optimum-openvino int8"
 ORT = "optimum-onnxruntime fp32"
-PEERS = (DIFFUSERS, OV_FP32, OV_INT8, ORT)
+OV_IR = "optimum-openvino fp16-ir"
+PEERS = (DIFFUSERS, OV_FP32, OV_INT8, ORT, OV_IR)
+# The precision of the model folder's IR that OV_IR runs.
+IR_PRECISION = "fp16"
 # Peers that run an export of the folder, and which export.
 EXPORTS = {OV_FP32: "openvino-fp32", OV_INT8: "openvino-int8", ORT: "onnx"}
 
@@ -41,7 +47,7 @@ def _diffusers(folder: str, threads: int):
     return pipe, {"compute": "f32"}
 
 
-def _openvino(folder: str, threads: int, width: int, height: int):
+def _openvino(folder: str, threads: int, width: int, height: int, guided: bool = True):
     from optimum.intel import OVStableDiffusionPipeline
 
     from sdlite.engines.openvino import compute_precision
@@ -55,8 +61,12 @@ def _openvino(folder: str, threads: int, width: int, height: int):
     info = {"compute": compute_precision("CPU", "auto")}
     pipe = load()
     try:
-        # Static shapes, as optimum-intel's documentation recommends for speed.
-        pipe.reshape(batch_size=1, height=height, width=width, num_images_per_prompt=1)
+        # Static shapes, as optimum-intel's documentation recommends for speed. Its reshape gives the U-Net a
+        # batch of 2 (the CFG pair); without guidance the batch stays dynamic and the sizes static.
+        batch = 1 if guided else -1
+        pipe.reshape(batch_size=batch, height=height, width=width, num_images_per_prompt=batch)
+        if not guided:
+            info["note"] = "static sizes, dynamic batch (optimum-intel's static reshape assumes a CFG pair)"
         pipe.compile()
     except RuntimeError as exc:
         # Some weight-compressed graphs fail static shape inference at small sizes; they run dynamic.
@@ -76,16 +86,68 @@ def _onnxruntime(folder: str, threads: int):
     return pipe, {"compute": "f32"}
 
 
-def load_peer(name: str, folder: str, threads: int, width: int, height: int):
+def load_peer(name: str, folder: str, threads: int, width: int, height: int, guided: bool = True):
     """(pipeline, {"compute": precision, "note": ...}) of peer ``name`` on ``folder`` (for optimum peers, the
     export of the diffusers folder)."""
     if name == DIFFUSERS:
         return _diffusers(folder, threads)
-    if name in (OV_FP32, OV_INT8):
-        return _openvino(folder, threads, width, height)
+    if name in (OV_FP32, OV_INT8, OV_IR):
+        return _openvino(folder, threads, width, height, guided)
     if name == ORT:
         return _onnxruntime(folder, threads)
     raise ValueError(f"unknown peer {name!r}; known: {', '.join(PEERS)}")
+
+
+def ir_view(model: Path, precision: str, out: Path) -> Path:
+    """A folder in optimum-intel's layout whose parts are links to the ``precision`` OpenVINO IR of the converted
+    model at ``model`` (each part's folder holds one precision at its top level, where optimum-intel looks)."""
+    from sdlite.layout import CONFIG_NAME, MODEL_INDEX, PARTS, SCHEDULER_CONFIG, TOKENIZER_DIR
+    from sdlite.model_folder import ModelFolder
+
+    folder = ModelFolder.open(model)
+    out.mkdir(parents=True)
+    for name in (MODEL_INDEX, TOKENIZER_DIR, SCHEDULER_CONFIG.parent):
+        (out / name).symlink_to((folder.path / name).resolve())
+    for part in PARTS:
+        (out / part).mkdir()
+        (out / part / CONFIG_NAME).symlink_to((folder.path / part / CONFIG_NAME).resolve())
+        graph = folder.graph(part, ("openvino",), precision if part == "unet" else _near(folder, part, precision))
+        for file in (graph, graph.with_suffix(".bin")):
+            (out / part / file.name).symlink_to(file.resolve())
+    return out
+
+
+def _near(folder, part: str, precision: str) -> str | None:
+    """``precision`` when ``part`` has it in OpenVINO, else None (the first held)."""
+    return precision if any(v.precision == precision for v in folder.variants(part) if v.format == "openvino") else None
+
+
+def taesd_decoder(model: str, threads: int):
+    """The model folder's OpenVINO TAESD decoder as a drop-in for a diffusers VAE's ``decode`` (latents divided by
+    the VAE's scaling factor in, images in -1..1 out): what FastSD CPU swaps into optimum-intel's pipelines."""
+    import openvino as ov
+    import torch
+
+    from sdlite.layout import TINY_VAE_DECODER
+    from sdlite.model_folder import ModelFolder
+
+    folder = ModelFolder.open(model)
+    graph = folder.graph(
+        TINY_VAE_DECODER, ("openvino",), folder.tiny_vae_precision(TINY_VAE_DECODER, ("openvino",), "fp16")
+    )
+    compiled = ov.Core().compile_model(str(graph), "CPU", {"INFERENCE_NUM_THREADS": str(threads)})
+
+    def swap(pipe) -> None:
+        scale = float(pipe.vae.config.scaling_factor)
+
+        def decode(latents, *args, return_dict: bool = True, **kwargs):
+            # TAESD decodes the U-Net's latents as they are: undo the pipeline's division by the VAE's scale.
+            sample = torch.from_numpy(compiled({"latent_sample": (latents * scale).float().numpy()})[0].copy())
+            return (sample,) if not return_dict else type("DecoderOutput", (), {"sample": sample})()
+
+        pipe.vae.decode = decode
+
+    return swap
 
 
 def _instrument(pipe, stages: Stages) -> None:
@@ -123,8 +185,14 @@ def run_peer(job) -> dict:
     settings = job.settings
 
     def load():
-        pipe, info = load_peer(job.kind, job.options["folder"], settings.threads, settings.width, settings.height)
+        guided = settings.cfg_scale > 1
+        pipe, info = load_peer(
+            job.kind, job.options["folder"], settings.threads, settings.width, settings.height, guided
+        )
         pipe.set_progress_bar_config(disable=True)
+        if settings.vae == "taesd":
+            taesd_decoder(settings.model, settings.threads)(pipe)
+            info["note"] = (info.get("note", "") + "; " if info.get("note") else "") + "VAE decoder: OpenVINO TAESD"
         return pipe, info
 
     return measure(job, load, _instrument, _generate) | {"folder": job.options["folder"]}

@@ -40,6 +40,8 @@ class Settings:
     threads: int = 1
     warmup_steps: int = 2
     device: str = "CPU"
+    # "taesd": sdlite decodes with the model's tiny VAE, and peers get the same decoder in place of their VAE's.
+    vae: str = "full"
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,7 @@ def run_sdlite(job: Job) -> dict:
             low_memory=config.low_memory,
             threads=settings.threads,
             compute=config.compute,
+            vae=settings.vae,
         )
         return pipe, {"compute": pipe.compute_precision}
 

@@ -13,6 +13,7 @@ from collections import defaultdict
 from collections.abc import Callable
 
 from sdlite.benchmarks.memory import PeakTracker
+from sdlite.layout import TINY_VAE_DECODER
 
 TEXT_ENCODER, UNET, VAE_DECODER = "text_encoder", "unet", "vae_decoder"
 
@@ -59,6 +60,10 @@ class Stages:
         self.calls.clear()
 
 
+# The tiny VAE's decoder, when it makes the image, is the VAE-decode stage.
+_STAGE_OF_PART = {TINY_VAE_DECODER: VAE_DECODER}
+
+
 class StageObserver:
     """A part-pool observer (``sdlite.parts.PartObserver``) that feeds :class:`Stages`: a part's load or run
     enters its stage; runs are timed as the stage's calls, loads as calls["load"]."""
@@ -68,11 +73,11 @@ class StageObserver:
 
     def before(self, part: str, action: str) -> None:
         """Enter the part's stage."""
-        self.stages.enter(part)
+        self.stages.enter(_STAGE_OF_PART.get(part, part))
 
     def after(self, part: str, action: str, seconds: float) -> None:
         """Record the call's seconds."""
-        self.stages.calls["load" if action == "load" else part].append(seconds)
+        self.stages.calls["load" if action == "load" else _STAGE_OF_PART.get(part, part)].append(seconds)
 
 
 def percentile(values: list[float], q: float) -> float:
