@@ -176,7 +176,7 @@ def test_trailing_euler_matches_diffusers(tiny_diffusers, tmp_path, shared_noise
 
     from sdlite.convert.converter import convert
 
-    source = tmp_path / "turbo-src"
+    source = tmp_path / "trailing-src"
     shutil.copytree(tiny_diffusers, source)
     config_file = source / "scheduler" / "scheduler_config.json"
     config = json.loads(config_file.read_text())
@@ -186,12 +186,12 @@ def test_trailing_euler_matches_diffusers(tiny_diffusers, tmp_path, shared_noise
     (source / "model_index.json").write_text(
         (source / "model_index.json").read_text().replace("PNDMScheduler", scheduler_class.__name__)
     )
-    convert(str(source), tmp_path / "turbo", quiet=True)
+    convert(str(source), tmp_path / "trailing", quiet=True, preset="none")
     reference = _reference(StableDiffusionPipeline, source)
     expected = reference(
         PROMPT, num_inference_steps=steps, guidance_scale=0.0, height=SIZE, width=SIZE, output_type="np"
     ).images
-    ours = Pipeline.load(tmp_path / "turbo")
+    ours = Pipeline.load(tmp_path / "trailing")
     assert ours.default_sampler == sampler
     got = ours.txt2img(PROMPT, steps=steps, cfg_scale=0.0, seed=SEED, output_type="np", progress=False)
     _check(got, expected)

@@ -8,7 +8,7 @@ cannot point anywhere else on disk.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdlite.errors import InputError
@@ -25,6 +25,8 @@ class ModelEntry:
     path: Path
     sha256: str | None
     default_size: tuple[int, int]
+    # The manifest's generation defaults (a few-step model's steps, cfg_scale, ...): for requests that give none.
+    defaults: dict = field(default_factory=dict, compare=False)
 
     @property
     def hash(self) -> str | None:
@@ -50,8 +52,9 @@ class ModelEntry:
 
 def _entry(path: Path) -> ModelEntry:
     folder = ModelFolder.open(path)
-    size = tuple(folder.manifest.default_size)
-    return ModelEntry(folder.manifest.name or path.name, path.resolve(), folder.model_hash, size)
+    manifest = folder.manifest
+    size = tuple(manifest.default_size)
+    return ModelEntry(manifest.name or path.name, path.resolve(), folder.model_hash, size, manifest.defaults)
 
 
 class Catalog:

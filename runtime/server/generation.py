@@ -199,6 +199,7 @@ def make_spec(
     width, height = _side("width", body.width, limits), _side("height", body.height, limits)
     if not isinstance(body, Img2ImgBody):  # img2img keeps the image's size when none is given
         width, height = width or (model or current).default_size[0], height or (model or current).default_size[1]
+    defaults = (model or current).defaults
     sampler, schedule = _sampler(body.sampler_name or body.sampler_index, body.scheduler, "sampler_name")
     clip_skip = _setting(body, settings, "CLIP_stop_at_last_layers")
     if body.clip_skip is not None and "CLIP_stop_at_last_layers" not in (body.override_settings or {}):
@@ -208,8 +209,9 @@ def make_spec(
         raise InputError(f"randn_source {source!r}: expected one of {', '.join(RANDN_SOURCES)}")
     options = {
         "negative_prompt": body.negative_prompt or "",
-        "steps": 20 if body.steps is None else body.steps,
-        "cfg_scale": 7.0 if body.cfg_scale is None else body.cfg_scale,
+        # A body without them (OpenAI's) gets the model's own (a few-step model's), else A1111's.
+        "steps": defaults.get("steps", 20) if body.steps is None else body.steps,
+        "cfg_scale": defaults.get("cfg_scale", 7.0) if body.cfg_scale is None else body.cfg_scale,
         "sampler": sampler,
         "schedule": schedule,
         "seed": _seed(body.seed, "seed"),
