@@ -83,8 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     decoder = pipe.preview_codec.decoder_part
     print(f"model {pipe.folder.manifest.name}, previews decoded by {decoder}")
-    print(f"U-Net step {result['unet_step_ms']:.1f} ms (median), preview {result['preview_ms']:.1f} ms (median): ")
-    print(f"preview / step = {result['preview_ms'] / result['unet_step_ms']:.3f}")
+    print(
+        f"U-Net step {result['unet_step_ms']:.1f} ms, preview {result['preview_ms']:.1f} ms (medians): "
+        f"preview / step = {result['preview_ms'] / result['unet_step_ms']:.3f}"
+    )
     print(
         "PSNR of each step's preview against the final image (dB): "
         + ", ".join(f"{value:.1f}" for value in result["psnr_db"])

@@ -92,15 +92,6 @@ class _TinyEncoder(torch.nn.Module):
         return self.vae.encode(sample, return_dict=False)[0]
 
 
-class _TinyDecoder(torch.nn.Module):
-    def __init__(self, vae: torch.nn.Module):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, latent_sample):
-        return self.vae.decode(latent_sample, return_dict=False)[0]
-
-
 class _SafetyChecker(torch.nn.Module):
     """diffusers' ``StableDiffusionSafetyChecker.forward`` as one traceable graph.
 
@@ -256,7 +247,7 @@ PARTS: dict[str, PartSpec] = {
         outputs={"sample": {0: "batch_size", 2: "height", 3: "width"}},
         atol=3e-4,
         rtol=1e-3,
-        wrap=_TinyDecoder,
+        wrap=_VaeDecoder,  # AutoencoderTiny.decode takes and gives what AutoencoderKL.decode does
         dummy_inputs=_tiny_latents,
     ),
     # Exported from the checkpoint's safety checker (not from ``pipe``): its wrap and dummy inputs take the

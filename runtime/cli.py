@@ -155,13 +155,16 @@ def _preview_writer(pipe, output: Path, every: int, quiet: bool):
     from sdlite.images import save_png
 
     path = output.with_name(f"{output.stem}.preview.png")
+    announced = quiet
 
     def write(step: int, total: int, latents, denoised) -> None:
+        nonlocal announced
         if (step + 1) % every and step + 1 != total:
             return
         save_png(pipe.preview(denoised[:1])[0], path)
-        if not quiet and step + 1 == every:
+        if not announced:
             print(f"previews: {path}", file=sys.stderr)
+            announced = True
 
     return write
 

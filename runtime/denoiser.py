@@ -3,8 +3,8 @@
 :class:`Denoiser` owns classifier-free guidance (Ho & Salimans 2022, eq. 6: one U-Net batch of
 [unconditional, conditional], combined as ``uncond + s * (cond - uncond)``; at a scale of 1 or below the
 unconditional half is never run) with its optional rescale, the sampler's input scaling, and the model inputs
-beside the sample (the
-family's conditioning, an inpainting U-Net's mask channels), passed to the graph by input name.
+beside the sample (the family's conditioning, an inpainting U-Net's mask channels), passed to the graph by input
+name.
 
 :func:`schedule_start` is where img2img and inpainting strength cut the schedule: at the start of a sampler
 step (``order`` evaluations), so a two-evaluation sampler never starts in the middle of one; the count of model

@@ -37,6 +37,11 @@ def available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def _unit_images(samples: np.ndarray) -> np.ndarray:
+    """A decoder's output (N, 3, H, W) in -1..1 -> images (N, H, W, 3) in 0..1."""
+    return np.clip(samples / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+
+
 class LatentCodec(Protocol):
     """Pixels to latents and back: what the denoising loop works in. ``channels`` latent channels, each latent
     cell covering ``factor`` x ``factor`` pixels; images are (N, 3, H, W) in -1..1 going in and (N, H, W, 3) in
@@ -108,7 +113,7 @@ class Vae:
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Latents (N, 4, h, w) -> images (N, 8h, 8w, 3) in 0..1; one image at a time to bound memory."""
-        decoder = self._engine("vae_decoder")
+        decoder = self._engine(self.decoder_part)
 
         def run(x: np.ndarray) -> np.ndarray:
             return decoder.run({"latent_sample": x})["sample"].astype(np.float32)
@@ -121,12 +126,11 @@ class Vae:
                 images.append(run_tiled(scaled, run, self.tile_latent, self.overlap_latent, self.factor))
             else:
                 images.append(run(scaled))
-        image = np.concatenate(images)
-        return np.clip(image / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+        return _unit_images(np.concatenate(images))
 
     def encode(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Images (N, 3, H, W) in -1..1 -> the posterior's (mean, std), each (N, 4, H/8, W/8), unscaled."""
-        encoder = self._engine("vae_encoder")
+        encoder = self._engine(self.encoder_part)
 
         def run(x: np.ndarray) -> np.ndarray:
             return encoder.run({"sample": x})["latent_parameters"].astype(np.float32)
@@ -181,7 +185,7 @@ class TinyVae:
             decoder.run({"latent_sample": (latents[i : i + 1] / self.scaling_factor).astype(np.float32)})["sample"]
             for i in range(len(latents))
         ]
-        return np.clip(np.concatenate(images).astype(np.float32) / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+        return _unit_images(np.concatenate(images).astype(np.float32))
 
     def encode_latents(self, pixels: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
         """Images (N, 3, H, W) in -1..1 -> the U-Net's latents (``noise`` is not used: nothing is sampled)."""

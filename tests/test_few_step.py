@@ -11,6 +11,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from noise_routing import route_randn
 from test_masks import _image
 
 from sdlite import Pipeline
@@ -34,13 +35,7 @@ def shared_noise(monkeypatch):
     import diffusers.schedulers.scheduling_euler_ancestral_discrete as euler_a_module
     import diffusers.schedulers.scheduling_lcm as lcm_module
 
-    stream = NoiseGenerator(SEED)
-
-    def randn_tensor(shape, *args, **kwargs):
-        return torch.from_numpy(stream.randn(tuple(shape)))
-
-    for module in (sd_module, img2img_module, euler_a_module, lcm_module, lcm_pipe):
-        monkeypatch.setattr(module, "randn_tensor", randn_tensor)
+    route_randn(monkeypatch, SEED, (sd_module, img2img_module, euler_a_module, lcm_module, lcm_pipe))
 
 
 @pytest.fixture(scope="module")

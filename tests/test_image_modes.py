@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
+from noise_routing import route_randn
 from test_masks import PROMPT, SIZE, _image, _mask
 
 from sdlite import Pipeline
 from sdlite.rng import NoiseGenerator
+
+# Every test here needs torch: diffusers' pipelines are the reference.
+pytestmark = pytest.mark.torch
 
 # fp32 ONNX vs fp32 PyTorch on the same noise: kernel-order differences only.
 DECODED_ATOL = 2e-3
@@ -24,13 +27,7 @@ def shared_noise(monkeypatch):
     import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint as inpaint_module
     import diffusers.schedulers.scheduling_euler_ancestral_discrete as euler_module
 
-    stream = NoiseGenerator(SEED)
-
-    def randn_tensor(shape, *args, **kwargs):
-        return torch.from_numpy(stream.randn(tuple(shape)))
-
-    for module in (vae_module, img2img_module, inpaint_module, euler_module):
-        monkeypatch.setattr(module, "randn_tensor", randn_tensor)
+    route_randn(monkeypatch, SEED, (vae_module, img2img_module, inpaint_module, euler_module))
 
 
 @pytest.fixture(scope="module")
