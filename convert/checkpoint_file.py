@@ -9,7 +9,6 @@ even then read with ``torch.load(weights_only=True)``, which only rebuilds tenso
 from __future__ import annotations
 
 import re
-import struct
 import warnings
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from sdlite.errors import InputError, summarize
 # re-exported here.
 from sdlite.safetensors_file import PICKLE_SUFFIXES, read_safetensors_header
 
-__all__ = ["PICKLE_SUFFIXES", "read_safetensors_header", "read_state_dict", "refuse_pickle", "tensor_data_sha256"]
+__all__ = ["PICKLE_SUFFIXES", "read_safetensors_header", "read_state_dict", "refuse_pickle"]
 
 
 def refuse_pickle(path: Path) -> InputError:
@@ -86,24 +85,3 @@ def read_state_dict(path: str | Path, allow_pickle: bool = False) -> dict:
         return load_file(path, device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         raise InputError(f"{path}: unreadable safetensors file ({summarize(exc)})") from None
-
-
-def tensor_data_sha256(path: str | Path) -> str:
-    """sha256 of a safetensors file's tensor bytes (the header left out), as kohya's and A1111's LoRA hash.
-
-    For other files: the whole file's sha256.
-    """
-    import hashlib
-
-    from sdlite.hashing import sha256_file
-
-    path = Path(path)
-    if path.suffix.lower() != ".safetensors":
-        return sha256_file(path)
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        (header_len,) = struct.unpack("<Q", fh.read(8))
-        fh.seek(8 + header_len)
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -64,6 +64,7 @@ def _load_options(args: argparse.Namespace) -> dict:
         safety_checker=not args.no_safety_checker,
         embeddings=args.embeddings,
         vae=args.vae,
+        lora_dir=args.lora_dir,
     )
 
 
@@ -133,6 +134,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.preview_every:
         common["callback"] = _preview_writer(pipe, outputs[0], args.preview_every, args.quiet)
     images = _mode_call(args, pipe, common)
+    if args.verbose and pipe.loras.updates:
+        updates = ", ".join(f"{part} {seconds:.2f} s" for part, seconds in pipe.loras.updates.items())
+        print(f"LoRA graph update: {updates}", file=sys.stderr)
     for image, path in zip(images, outputs, strict=True):
         save_png(image, path)
         if not args.quiet:
@@ -270,6 +274,11 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="folder of textual-inversion embeddings (.safetensors) that the prompt can use by name",
     )
+    parser.add_argument(
+        "--lora-dir",
+        metavar="DIR",
+        help="folder of LoRA files (.safetensors) that the prompt uses as <lora:name:multiplier>",
+    )
     parser.add_argument("--engine", default="onnx", choices=ENGINES, help="onnx (onnxruntime) or openvino")
     parser.add_argument("--device", default="CPU", help="CPU, GPU, NPU or AUTO (what the engine sees here)")
     parser.add_argument("--compute", default="auto", choices=COMPUTE_PRECISIONS, help="arithmetic precision")
@@ -344,6 +353,7 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
         help="write OUTPUT.preview.png every N steps (with the tiny VAE when the model has one)",
     )
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--verbose", action="store_true", help="print how long each LoRA graph update took")
     parser.set_defaults(func=cmd_generate)
 
 

@@ -26,6 +26,7 @@ import numpy as np
 from sdlite.embeddings import Embedding, EmbeddingLibrary
 from sdlite.errors import InputError
 from sdlite.layout import FINAL_NORM_FILE
+from sdlite.loras import strip_extra_networks
 from sdlite.prompts import Chunk, prompt_chunks
 from sdlite.token_table import TokenRows
 from sdlite.tokenizer import CLIPTokenizer
@@ -81,7 +82,7 @@ class TextConditioner:
             return embedding.ids, name_tokens
 
         return prompt_chunks(
-            prompt,
+            strip_extra_networks(prompt),
             tok.tokenize if library is None else lambda text: library.tokenize(text, tok.tokenize),
             tok.bos_token_id,
             tok.eos_token_id,

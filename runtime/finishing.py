@@ -68,11 +68,12 @@ class Finisher:
         output_type: str,
         embeddings: str | None = None,
         size: str | None = None,
+        loras: str | None = None,
     ) -> list[Image.Image] | np.ndarray:
         """Decoded images (N, H, W, 3) in 0..1 -> PIL images with their infotext or, for ``output_type="np"``,
         the float array; both carry the safety checker's flags as ``nsfw_content_detected``. ``extra`` are the
         mode's infotext fields, ``embeddings`` the "TI hashes" value, ``size`` the Size field when it is not the
-        request's."""
+        request's, ``loras`` the "Lora hashes" of the LoRAs applied at run time."""
         flags = None
         if self.safety is not None:
             images, flags = check_images(images, self.safety.get, self.safety.preprocessing)
@@ -82,7 +83,7 @@ class Finisher:
             images = np.stack(pixels).astype(np.float32) / 255.0
         if output_type == "np":
             return ImageArray.of(images, flags)
-        return Images(self._with_infotext(images, request, extra, embeddings, size), flags)
+        return Images(self._with_infotext(images, request, extra, embeddings, size, loras), flags)
 
     def _with_infotext(
         self,
@@ -91,6 +92,7 @@ class Finisher:
         extra: Mapping[str, object],
         embeddings: str | None,
         size: str | None,
+        loras: str | None,
     ) -> list[Image.Image]:
         facts = self.facts
         # Everything but the seed is the same for every image of the batch: built once.
@@ -104,8 +106,8 @@ class Finisher:
             "Model hash": short_hash(facts.model_hash) if facts.model_hash else None,
             "Model": facts.name,
             "VAE": facts.vae,
-            # A1111 writes the hashes of the LoRAs it applied; here they were fused at conversion.
-            "Lora hashes": facts.lora_hashes,
+            # A1111 writes the hashes of the LoRAs it applied: fused at conversion, then those of the prompt.
+            "Lora hashes": ", ".join(h for h in (facts.lora_hashes, loras) if h) or None,
             # The embeddings the prompt or negative prompt named, as A1111 records them.
             "TI hashes": embeddings,
             **extra,

@@ -21,7 +21,7 @@ from typing import Protocol
 
 import numpy as np
 
-from sdlite.engines import Engine, GraphEdit, load_engine
+from sdlite.engines import EditChain, Engine, GraphEdit, load_engine
 from sdlite.errors import InputError
 from sdlite.layout import SAFETY_CHECKER, check_part_graph, graph_files
 
@@ -96,7 +96,7 @@ class PartPool:
 
     ``graph(name)`` resolves a part's graph file; ``budget_bytes`` None keeps every loaded part resident until
     :meth:`release`, 0 releases each part as soon as it is done. ``edits`` maps a part name to an edit of its
-    loaded graph (textual inversion's token rows for the text encoder)."""
+    loaded graph (textual inversion's token rows for the text encoder); :meth:`set_edit` adds or replaces one."""
 
     def __init__(
         self,
@@ -114,7 +114,8 @@ class PartPool:
         self.threads = threads
         self.compute = compute
         self.budget_bytes = budget_bytes
-        self._edits = dict(edits or {})
+        # Part -> its edits by name, applied in the order they were set.
+        self._edits: dict[str, dict[str, GraphEdit]] = {part: {"base": edit} for part, edit in (edits or {}).items()}
         self._paths: dict[str, Path] = {}
         self._sizes: dict[str, int] = {}
         self._loaded: OrderedDict[str, _ObservedEngine] = OrderedDict()  # least recently used first
@@ -148,10 +149,10 @@ class PartPool:
         else:
             self._make_room(part)
             compute = "f32" if part in F32_PARTS else self.compute
+            edits = list(self._edits.get(part, {}).values())
+            edit = None if not edits else edits[0] if len(edits) == 1 else EditChain(edits)
             with self.observe(part, "load"):
-                engine = load_engine(
-                    self.path(part), self.engine_name, self.device, self.threads, compute, self._edits.get(part)
-                )
+                engine = load_engine(self.path(part), self.engine_name, self.device, self.threads, compute, edit)
             try:
                 check_part_graph(part, self.path(part), engine.input_names, engine.output_names)
             except InputError:
@@ -160,6 +161,19 @@ class PartPool:
             self._loaded[part] = _ObservedEngine(self, part, engine)
         self._in_use.add(part)
         return self._loaded[part]
+
+    def set_edit(self, part: str, name: str, edit: GraphEdit | None) -> None:
+        """Apply ``edit`` (None: no edit) as ``part``'s edit called ``name`` from its next load; a loaded part is
+        released now, so that its next use loads the edited graph."""
+        edits = self._edits.setdefault(part, {})
+        if edits.get(name) is edit:
+            return
+        if edit is None:
+            edits.pop(name, None)
+        else:
+            edits[name] = edit
+        if part in self._loaded:
+            self._release(part)
 
     def done(self, part: str) -> None:
         """The caller is done with ``part`` for now: it stays loaded while the budget allows."""

@@ -23,6 +23,7 @@ from sdlite.family import StableDiffusionFamily
 from sdlite.finishing import Finisher, ModelFacts, SafetyChecker
 from sdlite.images import resize_to, to_pil, to_pixels, to_unit, working_size
 from sdlite.layout import SAFETY_CHECKER, TINY_VAE_DECODER, TINY_VAE_PARTS
+from sdlite.loras import LoraLibrary, LoraSet
 from sdlite.masks import check_extend, check_not_empty, masked_region, outpaint_canvas, paste_back, prepare_mask
 from sdlite.memory_guard import MemoryGuard, UNetShape
 from sdlite.model_folder import ModelFolder
@@ -125,6 +126,7 @@ class Pipeline:
         embeddings: str | Path | None = None,
         memory_budget: float | None = None,
         vae: str = "full",
+        lora_dir: str | Path | None = None,
     ):
         check_engine(engine)
         if vae not in VAE_CHOICES:
@@ -176,6 +178,12 @@ class Pipeline:
             budget_bytes=budget,
             edits={"text_encoder": edit} if edit is not None else None,
         )
+        self.loras = LoraSet(
+            LoraLibrary(lora_dir) if lora_dir is not None else None,
+            lambda part, edit: self.parts.set_edit(part, "lora", edit),
+            ("text_encoder", "unet"),
+        )
+        self.parts.observers.append(self.loras)
         guidance_width = folder.part_config("unet").get("time_cond_proj_dim")
         self.family = StableDiffusionFamily(conditioner, self.parts.get, self.parts.done, guidance_width)
         tiny = None
@@ -247,6 +255,7 @@ class Pipeline:
         embeddings: str | Path | None = None,
         memory_budget: float | None = None,
         vae: str = "full",
+        lora_dir: str | Path | None = None,
     ) -> Pipeline:
         """Open the converted-model folder at ``path`` and load its parts in ``engine`` on ``device``.
 
@@ -254,7 +263,9 @@ class Pipeline:
         ``vae_tiling`` (auto, on, off) decodes and encodes big images in tiles to bound memory;
         ``embeddings`` is a folder of textual-inversion embeddings (``.safetensors``, AUTOMATIC1111 or
         diffusers layout) that prompts use by name, no conversion needed; ``memory_budget`` (GiB) bounds what
-        the loaded parts hold (see :class:`Pipeline`); ``vae`` "taesd" decodes with the tiny VAE."""
+        the loaded parts hold (see :class:`Pipeline`); ``vae`` "taesd" decodes with the tiny VAE; ``lora_dir`` is a
+        folder of LoRA files that prompts use as ``<lora:name:multiplier>`` (``sdlite.loras``), no conversion
+        needed."""
         return cls(
             ModelFolder.open(path),
             engine=engine,
@@ -268,6 +279,7 @@ class Pipeline:
             embeddings=embeddings,
             memory_budget=memory_budget,
             vae=vae,
+            lora_dir=lora_dir,
         )
 
     @property
@@ -588,6 +600,7 @@ class Pipeline:
         def draw() -> np.ndarray:
             return np.concatenate([stream.randn(shape) for stream in streams])
 
+        self.loras.activate(request.prompt, request.negative_prompt)
         conditioning = self.family.conditioning(request)
 
         in_channels = self.folder.unet_in_channels
@@ -663,7 +676,7 @@ class Pipeline:
     ) -> list[Image.Image] | np.ndarray:
         """The finishing step (``sdlite.finishing``) with the embeddings the request's prompts named."""
         embeddings = ti_hashes(self.family.embeddings_used(request))
-        return self.finisher.finish(images, request, extra, output_type, embeddings, size)
+        return self.finisher.finish(images, request, extra, output_type, embeddings, size, self.loras.hashes())
 
     def release(self) -> None:
         """Free every loaded part."""

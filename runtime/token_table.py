@@ -28,13 +28,13 @@ an embedding instead. Stable Diffusion 1.x and 2.x condition on ``last_hidden_st
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from sdlite.errors import InputError
+from sdlite.onnx_wire import ONNX_FLOATS, ONNX_INTEGERS, WireGraph, int_attribute, new_initializer, new_node
 
 __all__ = ["TokenRows", "extend_onnx_token_table", "extend_openvino_token_table"]
 
@@ -78,156 +78,7 @@ def _check_table(shape: tuple[int, ...], rows: TokenRows, graph: object) -> None
         )
 
 
-# --- ONNX, at the protobuf wire level --------------------------------------------------------------------
-# Field numbers from onnx.proto (stable since ONNX 1.0).
-_MODEL_GRAPH = 7
-_GRAPH_NODE, _GRAPH_INITIALIZER, _GRAPH_INPUT = 1, 5, 11
-_NODE_INPUT, _NODE_OUTPUT, _NODE_NAME, _NODE_OP_TYPE, _NODE_ATTRIBUTE = 1, 2, 3, 4, 5
-_TENSOR_DIMS, _TENSOR_DATA_TYPE, _TENSOR_NAME, _TENSOR_RAW_DATA = 1, 2, 8, 9
-_VALUE_INFO_NAME = 1
-_ATTR_NAME, _ATTR_I, _ATTR_TYPE, _ATTR_TYPE_INT = 1, 3, 20, 2
-_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
-# TensorProto.DataType -> numpy dtype, for the float types a table or a scale can have.
-_ONNX_FLOATS = {1: np.dtype("<f4"), 10: np.dtype("<f2"), 11: np.dtype("<f8")}
-_ONNX_INTEGERS = {2: "uint8", 3: "int8"}
-
-
-def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(buf):
-            raise ValueError("truncated varint")
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-
-
-def _varint(value: int) -> bytes:
-    if value < 0:
-        value += 1 << 64  # protobuf writes negative int64 as ten-byte two's complement
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-@dataclass
-class _Field:
-    number: int
-    raw: memoryview  # the whole field, key included, as it sits in the file
-    value: int | memoryview  # a varint's value, or a length-delimited payload
-
-
-def _fields(buf: memoryview) -> Iterator[_Field]:
-    pos = 0
-    while pos < len(buf):
-        start = pos
-        key, pos = _read_varint(buf, pos)
-        number, wire = key >> 3, key & 7
-        if wire == _VARINT:
-            value, pos = _read_varint(buf, pos)
-        elif wire == _LEN:
-            length, pos = _read_varint(buf, pos)
-            value, pos = buf[pos : pos + length], pos + length
-            if pos > len(buf):
-                raise ValueError("truncated field")
-        elif wire in (_I64, _I32):
-            size = 8 if wire == _I64 else 4
-            value, pos = buf[pos : pos + size], pos + size
-        else:
-            raise ValueError(f"unsupported wire type {wire}")
-        yield _Field(number, buf[start:pos], value)
-
-
-def _key(number: int, wire: int) -> bytes:
-    return _varint(number << 3 | wire)
-
-
-def _len_field(number: int, payload: bytes) -> bytes:
-    return _key(number, _LEN) + _varint(len(payload)) + payload
-
-
-def _text(value: memoryview) -> str:
-    return bytes(value).decode("utf-8")
-
-
-@dataclass
-class _Node:
-    raw: memoryview
-    op_type: str
-    inputs: list[str]
-    outputs: list[str]
-    other: list[memoryview] = field(default_factory=list)  # every other field, raw
-
-    @classmethod
-    def parse(cls, raw: memoryview, payload: memoryview) -> _Node:
-        node = cls(raw, "", [], [])
-        for f in _fields(payload):
-            if f.number == _NODE_INPUT:
-                node.inputs.append(_text(f.value))
-            elif f.number == _NODE_OUTPUT:
-                node.outputs.append(_text(f.value))
-            else:
-                if f.number == _NODE_OP_TYPE:
-                    node.op_type = _text(f.value)
-                node.other.append(f.raw)
-        return node
-
-    def encode(self) -> bytes:
-        """The node with its current inputs and outputs, every other field as it was."""
-        body = b"".join(
-            [
-                *(_len_field(_NODE_INPUT, name.encode()) for name in self.inputs),
-                *(_len_field(_NODE_OUTPUT, name.encode()) for name in self.outputs),
-                *(bytes(raw) for raw in self.other),
-            ]
-        )
-        return _len_field(_GRAPH_NODE, body)
-
-
-def _new_node(op_type: str, inputs: list[str], outputs: list[str], axis: int | None = None) -> bytes:
-    body = b"".join(_len_field(_NODE_INPUT, name.encode()) for name in inputs)
-    body += b"".join(_len_field(_NODE_OUTPUT, name.encode()) for name in outputs)
-    body += _len_field(_NODE_NAME, f"sdlite/{outputs[0]}".encode()) + _len_field(_NODE_OP_TYPE, op_type.encode())
-    if axis is not None:
-        attribute = _len_field(_ATTR_NAME, b"axis") + _key(_ATTR_I, _VARINT) + _varint(axis)
-        attribute += _key(_ATTR_TYPE, _VARINT) + _varint(_ATTR_TYPE_INT)
-        body += _len_field(_NODE_ATTRIBUTE, attribute)
-    return _len_field(_GRAPH_NODE, body)
-
-
-def _new_initializer(name: str, array: np.ndarray, data_type: int) -> bytes:
-    body = b"".join(_key(_TENSOR_DIMS, _VARINT) + _varint(d) for d in array.shape)
-    body += _key(_TENSOR_DATA_TYPE, _VARINT) + _varint(data_type)
-    body += _len_field(_TENSOR_NAME, name.encode()) + _len_field(_TENSOR_RAW_DATA, array.tobytes())
-    return _len_field(_GRAPH_INITIALIZER, body)
-
-
-def _tensor_header(payload: memoryview) -> tuple[str, tuple[int, ...], int]:
-    """Name, dims and data type of an initializer, without touching its data."""
-    name, dims, data_type = "", [], 0
-    for f in _fields(payload):
-        if f.number == _TENSOR_NAME:
-            name = _text(f.value)
-        elif f.number == _TENSOR_DATA_TYPE:
-            data_type = f.value
-        elif f.number == _TENSOR_DIMS:
-            if isinstance(f.value, int):
-                dims.append(f.value)
-            else:  # packed
-                pos = 0
-                while pos < len(f.value):
-                    dim, pos = _read_varint(f.value, pos)
-                    dims.append(dim)
-    return name, tuple(dims), data_type
+# --- ONNX, at the protobuf wire level (sdlite.onnx_wire) -------------------------------------------------
 
 
 def extend_onnx_token_table(model: bytes, rows: TokenRows, graph: object = "text encoder") -> bytes:
@@ -239,30 +90,13 @@ def extend_onnx_token_table(model: bytes, rows: TokenRows, graph: object = "text
 
 
 def _extend_onnx(model: memoryview, rows: TokenRows, graph: object) -> bytes:
-    top = list(_fields(model))
-    graph_fields = [f for f in top if f.number == _MODEL_GRAPH]
-    if len(graph_fields) != 1:
-        raise ValueError("no graph")
-    nodes: list[tuple[int, _Node]] = []
-    initializers: dict[str, tuple[tuple[int, ...], int]] = {}
-    inputs: set[str] = set()
-    parts = list(_fields(graph_fields[0].value))
-    for index, f in enumerate(parts):
-        if f.number == _GRAPH_NODE:
-            nodes.append((index, _Node.parse(f.raw, f.value)))
-        elif f.number == _GRAPH_INITIALIZER:
-            name, dims, data_type = _tensor_header(f.value)
-            initializers[name] = (dims, data_type)
-        elif f.number == _GRAPH_INPUT:
-            inputs.update(_text(g.value) for g in _fields(f.value) if g.number == _VALUE_INFO_NAME)
-    producers = {out: node for _, node in nodes for out in node.outputs}
-    consumers: dict[str, list[tuple[int, _Node]]] = {}
-    for index, node in nodes:
-        for name in node.inputs:
-            consumers.setdefault(name, []).append((index, node))
+    wire = WireGraph(model)
+    producers = wire.producers()
+    consumers = wire.consumers()
+    initializers = wire.initializers
 
     def from_input_ids(name: str) -> bool:
-        while name not in inputs:
+        while name not in wire.inputs:
             producer = producers.get(name)
             if producer is None or producer.op_type not in _ID_PASSTHROUGH:
                 return False
@@ -271,7 +105,7 @@ def _extend_onnx(model: memoryview, rows: TokenRows, graph: object) -> bytes:
 
     lookups = [
         (index, node)
-        for index, node in nodes
+        for index, node in wire.nodes
         if node.op_type == "Gather"
         and len(node.inputs) == 2
         and len(initializers.get(node.inputs[0], ((),))[0]) == 2
@@ -286,49 +120,42 @@ def _extend_onnx(model: memoryview, rows: TokenRows, graph: object) -> bytes:
     table = gather.inputs[0]
     dims, data_type = initializers[table]
     _check_table(dims, rows, graph)
-    replaced: dict[int, bytes] = {}
-    if data_type in _ONNX_FLOATS:
+    if data_type in ONNX_FLOATS:
         extra = f"{table}/sdlite_rows"
-        new_initializers = [_new_initializer(extra, rows.vectors.astype(_ONNX_FLOATS[data_type]), data_type)]
+        wire.append(new_initializer(extra, rows.vectors.astype(ONNX_FLOATS[data_type]), data_type))
         extended = f"{table}/sdlite_extended"
         gather.inputs[0] = extended
-        replaced[index] = _new_node("Concat", [table, extra], [extended], axis=0) + gather.encode()
-    elif data_type in _ONNX_INTEGERS:
+        concat = new_node("Concat", [table, extra], [extended], [int_attribute("axis", 0)])
+        wire.replace(index, concat + gather.encode())
+    elif data_type in ONNX_INTEGERS:
         # Gather on the quantized table, then DequantizeLinear(scale, zero point): dequantize first instead.
         users = consumers.get(gather.outputs[0], [])
         dequantize_index, dequantize = users[0] if len(users) == 1 else (None, None)
         if dequantize is None or dequantize.op_type != "DequantizeLinear" or dequantize.inputs[0] != gather.outputs[0]:
             raise InputError(
-                f"{graph}: the token table is {_ONNX_INTEGERS[data_type]} but is not dequantized after the lookup"
+                f"{graph}: the token table is {ONNX_INTEGERS[data_type]} but is not dequantized after the lookup"
             )
         quantization = [initializers.get(name) for name in dequantize.inputs[1:] if name]
         scale = quantization[0] if quantization else None
         if None in quantization or scale is None or any(d != 1 for dims, _ in quantization for d in dims):
             raise InputError(f"{graph}: the token table is quantized per channel; embeddings need a per-tensor scale")
-        if scale[1] not in _ONNX_FLOATS:
+        if scale[1] not in ONNX_FLOATS:
             raise InputError(f"{graph}: the token table's scale has ONNX data type {scale[1]}")
         extra, float_table = f"{table}/sdlite_rows", f"{table}/sdlite_dequantized"
         extended = f"{table}/sdlite_extended"
-        new_initializers = [_new_initializer(extra, rows.vectors.astype(_ONNX_FLOATS[scale[1]]), scale[1])]
+        wire.append(new_initializer(extra, rows.vectors.astype(ONNX_FLOATS[scale[1]]), scale[1]))
         gather.inputs[0] = extended
         gather.outputs[0] = dequantize.outputs[0]
-        replaced[index] = (
-            _new_node("DequantizeLinear", [table, *dequantize.inputs[1:]], [float_table])
-            + _new_node("Concat", [float_table, extra], [extended], axis=0)
-            + gather.encode()
+        wire.replace(
+            index,
+            new_node("DequantizeLinear", [table, *dequantize.inputs[1:]], [float_table])
+            + new_node("Concat", [float_table, extra], [extended], [int_attribute("axis", 0)])
+            + gather.encode(),
         )
-        replaced[dequantize_index] = b""
+        wire.replace(dequantize_index, b"")
     else:
         raise InputError(f"{graph}: the token table has ONNX data type {data_type}, which sdlite cannot extend")
-    graph_parts = [replaced.get(i, f.raw) for i, f in enumerate(parts)] + new_initializers
-    graph_length = sum(len(part) for part in graph_parts)
-    out: list[bytes | memoryview] = []
-    for f in top:
-        if f.number == _MODEL_GRAPH:
-            out += [_key(_MODEL_GRAPH, _LEN), _varint(graph_length), *graph_parts]
-        else:
-            out.append(f.raw)
-    return b"".join(out)
+    return wire.serialize()
 
 
 # --- OpenVINO ----------------------------------------------------------------------------------------

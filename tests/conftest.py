@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 # The fixtures below that build their models with torch.
-TORCH_FIXTURES = frozenset({"tiny_diffusers", "tiny_onnx", "text_model_dir", "ddim_reference"})
+TORCH_FIXTURES = frozenset({"tiny_diffusers", "tiny_onnx", "all_precisions", "text_model_dir", "ddim_reference"})
 # Import names of the convert extra and of the references that depend on torch (invisible-watermark and tomesd
 # require it): a module importing one at its top level cannot even be collected without torch.
 TORCH_PACKAGES = frozenset(
@@ -125,6 +125,18 @@ def tiny_onnx(tiny_diffusers, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("converted") / "tiny-onnx"
     convert(str(tiny_diffusers), out, quiet=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def all_precisions(tiny_diffusers, tmp_path_factory) -> Path:
+    """The tiny model converted to ONNX and OpenVINO in every precision (fp32, fp16, int8, W8A8)."""
+    from sdlite.convert.converter import convert
+
+    out = tmp_path_factory.mktemp("variants") / "all"
+    convert(
+        str(tiny_diffusers), out, formats=["onnx", "openvino"], precisions=["fp32", "fp16", "int8", "w8a8"], quiet=True
+    )
     return out
 
 

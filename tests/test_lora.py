@@ -181,7 +181,7 @@ def test_bad_lora_files(tiny_diffusers, tmp_path):
         fuse_loras(pipe, [LoraSpec(unknown)])
     loha = tmp_path / "loha.safetensors"
     save_file({"lora_unet_x.hada_w1_a": torch.zeros(2, 2)}, loha)
-    with pytest.raises(InputError, match="LyCORIS"):
+    with pytest.raises(InputError, match="a LoHa file"):
         fuse_loras(pipe, [LoraSpec(loha)])
 
 

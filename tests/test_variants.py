@@ -31,17 +31,6 @@ def reference(ddim_reference) -> np.ndarray:
     return ddim_reference(PROMPT, STEPS, SEED)
 
 
-@pytest.fixture(scope="module")
-def all_precisions(tiny_diffusers, tmp_path_factory):
-    from sdlite.convert.converter import convert
-
-    out = tmp_path_factory.mktemp("variants") / "all"
-    convert(
-        str(tiny_diffusers), out, formats=["onnx", "openvino"], precisions=["fp32", "fp16", "int8", "w8a8"], quiet=True
-    )
-    return out
-
-
 @pytest.fixture(scope="module", params=["sliced", "fused"])
 def attention_variant(request, tiny_diffusers, tmp_path_factory):
     from sdlite.convert.converter import convert

@@ -18,13 +18,40 @@ COMPUTE_PRECISIONS = ("auto", "f32", "bf16", "f16")
 
 class GraphEdit(Protocol):
     """A change to the loaded copy of a graph, never to its file (textual inversion adds token-table rows to the
-    text encoder, ``sdlite.token_table``). An engine applies it to the graph it reads, before compiling."""
+    text encoder, ``sdlite.token_table``; LoRAs add branches, ``sdlite.lora_graph``). An engine applies it to the
+    graph it reads, before compiling. An edit that adds graph inputs names them in ``extra_inputs`` and gives their
+    values at each run from ``feeds()``; one with ``cacheable = False`` keeps its compiled graph out of OpenVINO's
+    blob cache."""
 
     def edit_onnx(self, model: bytes, path: Path) -> bytes:
         """The serialized ONNX graph read from ``path``, edited."""
 
     def edit_openvino(self, model, path: Path) -> None:
         """Edit the ``openvino.Model`` read from ``path`` in place."""
+
+
+class EditChain:
+    """Several edits of one graph, applied in order; the inputs they add are fed together."""
+
+    def __init__(self, edits: list[GraphEdit]):
+        self.edits = list(edits)
+        self.cacheable = all(getattr(edit, "cacheable", True) for edit in self.edits)
+        self.extra_inputs = tuple(name for edit in self.edits for name in getattr(edit, "extra_inputs", ()))
+
+    def edit_onnx(self, model: bytes, path: Path) -> bytes:
+        """Each edit in turn."""
+        for edit in self.edits:
+            model = edit.edit_onnx(model, path)
+        return model
+
+    def edit_openvino(self, model, path: Path) -> None:
+        """Each edit in turn."""
+        for edit in self.edits:
+            edit.edit_openvino(model, path)
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        """The values of every input the edits added."""
+        return {name: value for edit in self.edits if hasattr(edit, "feeds") for name, value in edit.feeds().items()}
 
 
 class Engine(Protocol):
@@ -62,7 +89,27 @@ def load_engine(
 
         if compute not in ("auto", "f32"):
             raise InputError(f"--compute {compute}: onnxruntime on CPU computes in f32; use --engine openvino")
-        return OnnxRuntimeEngine(path, device=device, threads=threads, edit=edit)
-    from sdlite.engines.openvino import OpenVinoEngine
+        loaded = OnnxRuntimeEngine(path, device=device, threads=threads, edit=edit)
+    else:
+        from sdlite.engines.openvino import OpenVinoEngine
 
-    return OpenVinoEngine(path, device=device, threads=threads, compute=compute, edit=edit)
+        loaded = OpenVinoEngine(path, device=device, threads=threads, compute=compute, edit=edit)
+    return _FedEngine(loaded, edit) if getattr(edit, "extra_inputs", ()) else loaded
+
+
+class _FedEngine:
+    """An engine whose graph an edit gave extra inputs: callers see the graph's own inputs, the edit feeds the rest."""
+
+    def __init__(self, engine: Engine, edit: GraphEdit):
+        self._engine = engine
+        self._edit = edit
+        self.input_names = [name for name in engine.input_names if name not in edit.extra_inputs]
+        self.output_names = engine.output_names
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the graph with the edit's inputs added."""
+        return self._engine.run({**inputs, **self._edit.feeds()})
+
+    def release(self) -> None:
+        """Free the graph."""
+        self._engine.release()

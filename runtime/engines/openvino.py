@@ -73,7 +73,7 @@ class OpenVinoEngine:
         if device.upper() != "AUTO" and device.upper().split(".")[0] not in {d.split(".")[0] for d in devices}:
             raise InputError(f"--device {device}: not available to OpenVINO here; available: {', '.join(devices)}")
         self._device = device.upper()
-        self._config: dict[str, str] = {"CACHE_DIR": str(cache_dir())}
+        self._config: dict[str, str] = {"CACHE_DIR": str(cache_dir())} if getattr(edit, "cacheable", True) else {}
         # A compiled model imported from the blob cache holds its own repacked copy of every weight; the weights
         # file (or blob) it came from stays mapped but is barely read again, so its pages are given back as it
         # compiles (a fresh compilation is replaced by such an import, _compile_for).

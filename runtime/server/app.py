@@ -27,6 +27,7 @@ from sdlite import __version__, schedulers
 from sdlite.errors import InputError, SdliteError, summarize
 from sdlite.images import INFOTEXT_KEY
 from sdlite.infotext import parse_infotext
+from sdlite.loras import LoraLibrary
 from sdlite.server.catalog import Catalog
 from sdlite.server.generation import (
     IMAGE_UPSCALERS,
@@ -316,6 +317,23 @@ def create_app(
     async def latent_upscale_modes() -> list[dict]:
         """The latent upscalers hires. fix takes."""
         return [{"name": name} for name in LATENT_UPSCALERS]
+
+    @app.get("/sdapi/v1/loras", dependencies=api, tags=["A1111"])
+    async def loras() -> list[dict]:
+        """The LoRAs prompts can name (``<lora:name:multiplier>``): the files under ``--lora-dir``."""
+        folder = host.load_options.get("lora_dir")
+        if folder is None:
+            return []
+        library = LoraLibrary(folder)
+        return [
+            {"name": name, "alias": name, "path": str(path), "metadata": {}}
+            for name in library.names
+            for path in library.paths(name)[:1]
+        ]
+
+    @app.post("/sdapi/v1/refresh-loras", dependencies=api, tags=["A1111"])
+    async def refresh_loras() -> None:
+        """Nothing to refresh: the folder is read at each listing, and again when a prompt names a LoRA not seen."""
 
     @app.get("/sdapi/v1/sd-vae", dependencies=api, tags=["A1111"])
     async def sd_vae() -> list[dict]:
