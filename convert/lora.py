@@ -15,6 +15,7 @@ from sdlite.convert.checkpoint_file import read_safetensors_header, read_state_d
 from sdlite.errors import InputError
 from sdlite.hashing import sha256_file, tensor_data_sha256
 from sdlite.lora_files import LoraLayer, group_layers, metadata_alphas
+from sdlite.lora_graph import kohya_names
 
 
 @dataclass(frozen=True)
@@ -40,11 +41,11 @@ def _metadata_alphas(path: Path) -> dict[str, float]:
     return metadata_alphas(read_safetensors_header(path).get("__metadata__") or {}, path)
 
 
-def _kohya_index(module) -> dict[str, object]:
-    """Map kohya's names (the module path with ``_`` for ``.``) to modules holding a weight."""
-    return {
-        name.replace(".", "_"): sub for name, sub in module.named_modules() if getattr(sub, "weight", None) is not None
-    }
+def _kohya_index(component: str, module) -> dict[str, object]:
+    """Map kohya's names (the module path with ``_`` for ``.``, diffusers' or the original SD one) to modules
+    holding a weight."""
+    modules = {name: sub for name, sub in module.named_modules() if getattr(sub, "weight", None) is not None}
+    return {kohya: modules[path] for kohya, path in kohya_names(modules, component).items()}
 
 
 def _target(pipe, layer: LoraLayer, indexes: dict, path: Path):
@@ -53,7 +54,7 @@ def _target(pipe, layer: LoraLayer, indexes: dict, path: Path):
         raise InputError(f"{path}: targets {layer.component}, which this checkpoint lacks")
     if layer.kohya:
         if layer.component not in indexes:
-            indexes[layer.component] = _kohya_index(component)
+            indexes[layer.component] = _kohya_index(layer.component, component)
         module = indexes[layer.component].get(layer.module)
     else:
         try:

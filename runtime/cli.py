@@ -136,7 +136,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     images = _mode_call(args, pipe, common)
     if args.verbose and pipe.loras.updates:
         updates = ", ".join(f"{part} {seconds:.2f} s" for part, seconds in pipe.loras.updates.items())
-        print(f"LoRA graph update: {updates}", file=sys.stderr)
+        print(f"LoRA graph update (load, edit, first run): {updates}", file=sys.stderr)
     for image, path in zip(images, outputs, strict=True):
         save_png(image, path)
         if not args.quiet:

@@ -23,7 +23,7 @@ as diffusers paths and as the original Stable Diffusion (LDM) ones (``input_bloc
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +33,7 @@ from sdlite.errors import InputError
 from sdlite.lora_files import LoraLayer
 from sdlite.onnx_wire import FLOAT, FLOAT16, ONNX_FLOATS, WireGraph, int_attribute, new_initializer, new_input, new_node
 
-__all__ = ["MULTIPLIERS", "LoraEdit", "SlotLayers", "ldm_path"]
+__all__ = ["MULTIPLIERS", "LoraEdit", "SlotLayers", "graph_layers", "kohya_names", "ldm_path"]
 
 # The graph input holding each active LoRA's multiplier.
 MULTIPLIERS = "sdlite_lora_multipliers"
@@ -78,6 +78,7 @@ class _Site:
 
 @dataclass
 class _Branch:
+    # In the LoRA file's float type (float16 for most), widened only where the engine computes with them.
     down: np.ndarray  # (R, in) or (R, in, kh, kw)
     up: np.ndarray  # (rows, R)
     slots: np.ndarray  # (R,) int64
@@ -123,6 +124,18 @@ class LoraEdit:
         """Add the branches to the ``openvino.Model`` read from ``path``, in place."""
         sites = _openvino_sites(model, self.component)
         _insert_openvino(model, _plan(self, sites, path), self.slots)
+
+
+def graph_layers(path: Path, component: str) -> dict[str, tuple[str, int, int, tuple[int, ...]]]:
+    """The layers a LoRA can change in the graph at ``path`` (ONNX or OpenVINO IR) of ``component``: module path ->
+    (kind, in features, out features, kernel)."""
+    if path.suffix == ".onnx":
+        sites = _onnx_sites(WireGraph(path.read_bytes()), component)
+    else:
+        import openvino as ov
+
+        sites = _openvino_sites(ov.Core().read_model(str(path)), component)
+    return {site.path: (site.kind, site.in_features, site.out_features, site.kernel) for site in sites}
 
 
 # --- Which graph layer each LoRA layer targets -------------------------------------------------------------------
@@ -192,9 +205,9 @@ def ldm_path(path: str, layers_per_block: int, up_attention: set[int]) -> str | 
     return None
 
 
-def _kohya_names(sites: list[_Site], component: str) -> dict[str, str]:
-    """kohya's underscore names -> module paths: diffusers' paths, and for the U-Net the LDM ones as well."""
-    paths = {site.path for site in sites}
+def kohya_names(paths: Iterable[str], component: str) -> dict[str, str]:
+    """kohya's underscore names -> module paths (``paths``): diffusers' paths, and for the U-Net the LDM ones too."""
+    paths = set(paths)
     names = {path.replace(".", "_"): path for path in paths}
     if component == "unet":
         resnets = [int(m[1]) for p in paths if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", p))]
@@ -208,9 +221,9 @@ def _kohya_names(sites: list[_Site], component: str) -> dict[str, str]:
 
 
 def _matrices(layer: LoraLayer, site: _Site, lora: str) -> tuple[np.ndarray, np.ndarray]:
-    """The layer's down and up as float32 arrays shaped for ``site``; a clear error when they do not fit."""
-    down = np.asarray(layer.down, dtype=np.float32)
-    up = np.asarray(layer.up, dtype=np.float32).reshape(layer.up.shape[0], -1)
+    """The layer's down and up (in the file's float type) shaped for ``site``; a clear error when they do not fit."""
+    down = np.asarray(layer.down)
+    up = np.asarray(layer.up).reshape(layer.up.shape[0], -1)
     kernel = tuple(down.shape[2:]) or (1, 1)
     site_kernel = site.kernel or (1, 1)
     if (
@@ -237,7 +250,7 @@ def _plan(edit: LoraEdit, sites: list[_Site], graph: Path) -> list[tuple[_Site, 
     by_path: dict[str, list[_Site]] = {}
     for site in sites:
         by_path.setdefault(site.path, []).append(site)
-    kohya = _kohya_names(sites, edit.component)
+    kohya = kohya_names((site.path for site in sites), edit.component)
     parts: dict[int, list[tuple[np.ndarray, np.ndarray, int, float]]] = {}
     for lora in edit.loras:
         for layer in lora.layers:
@@ -258,8 +271,9 @@ def _plan(edit: LoraEdit, sites: list[_Site], graph: Path) -> list[tuple[_Site, 
     for site in sites:
         pieces = parts.get(id(site))
         if pieces:
-            down = np.concatenate([p[0] for p in pieces])
-            up = np.ascontiguousarray(np.concatenate([p[1] for p in pieces], axis=1))
+            # One LoRA's matrices are used as they are (views of the file's arrays): no copy.
+            down = pieces[0][0] if len(pieces) == 1 else np.concatenate([p[0] for p in pieces])
+            up = np.ascontiguousarray(pieces[0][1] if len(pieces) == 1 else np.concatenate([p[1] for p in pieces], 1))
             slots = np.concatenate([np.full(len(p[0]), p[2], np.int64) for p in pieces])
             scales = np.concatenate([np.full(len(p[0]), p[3], np.float32) for p in pieces])
             plan.append((site, _Branch(down, up, slots, scales)))
@@ -327,8 +341,9 @@ def _insert_onnx(wire: WireGraph, plan: list[tuple[_Site, _Branch]], slots: int)
         name = f"sdlite_lora/{number}"
         conv = site.kind == "conv"
         shape = (1, -1, 1, 1) if conv else (-1,)
-        down = branch.down if conv else np.ascontiguousarray(branch.down.T)
-        up = branch.up.reshape(*branch.up.shape, 1, 1) if conv else np.ascontiguousarray(branch.up.T)
+        # onnxruntime's CPU kernels compute in float32.
+        down = (branch.down if conv else branch.down.T).astype(np.float32)
+        up = (branch.up.reshape(*branch.up.shape, 1, 1) if conv else branch.up.T).astype(np.float32)
         wire.append(new_initializer(f"{name}/down", down))
         wire.append(new_initializer(f"{name}/up", up))
         wire.append(new_initializer(f"{name}/slots", branch.slots.reshape(shape)))
@@ -397,6 +412,16 @@ def _openvino_sites(model, component: str) -> list[_Site]:
     return sites
 
 
+def _weights(array: np.ndarray):
+    """A branch's weights as a float32 input: the array shared, not copied, and a float16 one kept in float16 with
+    a conversion after it, which OpenVINO's CPU plugin folds into its matrix kernels (the weights stay half size)."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    constant = ops.constant(np.ascontiguousarray(array), shared_memory=True)
+    return constant if array.dtype == np.float32 else ops.convert(constant, ov.Type.f32)
+
+
 def _insert_openvino(model, plan: list[tuple[_Site, _Branch]], slots: int) -> None:
     if not plan:
         return
@@ -405,6 +430,8 @@ def _insert_openvino(model, plan: list[tuple[_Site, _Branch]], slots: int) -> No
 
     multipliers = ops.parameter([slots], ov.Type.f32, name=MULTIPLIERS)
     multipliers.output(0).get_tensor().set_names({MULTIPLIERS})
+    # Sites with the same LoRAs at the same alpha / rank share one per-rank scale (fewer nodes, less memory).
+    scales = {}
     for site, branch in plan:
         out, layer, conv = site.handle
         # Read now, not when the sites were found: a layer fed by another changed layer reads its new output.
@@ -413,18 +440,21 @@ def _insert_openvino(model, plan: list[tuple[_Site, _Branch]], slots: int) -> No
         if x.get_element_type() != ov.Type.f32:
             x = ops.convert(x, ov.Type.f32).output(0)
         shape = (1, -1, 1, 1) if conv is not None else (-1,)
-        scale = ops.multiply(
-            ops.gather(multipliers, ops.constant(branch.slots.reshape(shape)), ops.constant(np.int64(0))),
-            ops.constant(branch.scales.reshape(shape)),
-        )
+        key = (shape, branch.slots.tobytes(), branch.scales.tobytes())
+        if key not in scales:
+            scales[key] = ops.multiply(
+                ops.gather(multipliers, ops.constant(branch.slots.reshape(shape)), ops.constant(np.int64(0))),
+                ops.constant(branch.scales.reshape(shape)),
+            )
+        scale = scales[key]
+        down, up = _weights(branch.down), _weights(branch.up.reshape(*branch.up.shape, 1, 1) if conv else branch.up)
         if conv is not None:
             pads = (conv["pads_begin"], conv["pads_end"])
-            low = ops.convolution(x, ops.constant(branch.down), conv["strides"], *pads, conv["dilations"])
-            up = branch.up.reshape(*branch.up.shape, 1, 1)
-            delta = ops.convolution(ops.multiply(low, scale), ops.constant(up), [1, 1], [0, 0], [0, 0], [1, 1])
+            low = ops.convolution(x, down, conv["strides"], *pads, conv["dilations"])
+            delta = ops.convolution(ops.multiply(low, scale), up, [1, 1], [0, 0], [0, 0], [1, 1])
         else:
-            low = ops.matmul(x, ops.constant(branch.down), False, True)
-            delta = ops.matmul(ops.multiply(low, scale), ops.constant(branch.up), False, True)
+            low = ops.matmul(x, down, False, True)
+            delta = ops.matmul(ops.multiply(low, scale), up, False, True)
         if out.get_element_type() != ov.Type.f32:
             delta = ops.convert(delta, out.get_element_type())
         total = ops.add(out, delta)

@@ -9,7 +9,7 @@ and adds ``Lora hashes``.
 
 Nothing is converted: each LoRA's layers become low-rank branches in the loaded text encoder and U-Net graphs
 (``sdlite.lora_graph``), with the multipliers as an input. Changing only multipliers recompiles nothing; changing
-which LoRAs are used reloads those two graphs once (the time is in :attr:`LoraSet.updates`).
+which LoRAs are used reloads those two graphs once (:attr:`LoraSet.updates` has the time, with the first run).
 
 Files that cannot serve the model (a pickle, a name two files share, another family's layers) fail with one clear
 error when a prompt uses them, so one folder can hold LoRAs for several families.
@@ -196,6 +196,7 @@ class LoraSet:
         # Seconds each part's last graph update (a reload with new branches) took, filled in as parts load.
         self.updates: dict[str, float] = {}
         self._pending: set[str] = set()
+        self._first_run: set[str] = set()
 
     def activate(self, prompt: str, negative_prompt: str = "") -> list[LoraFile]:
         """Use the LoRAs ``prompt`` names (none: the plain graphs); returns their files, in tag order. LoRA tags in
@@ -246,7 +247,12 @@ class LoraSet:
         return ", ".join(f"{file.name.replace(':', '').replace(',', '')}: {file.a1111_hash}" for file in self._files)
 
     def after(self, part: str, action: str, seconds: float) -> None:
-        """Part-pool observer: the first load of a part after its branches changed is its graph update."""
+        """Part-pool observer: a part's graph update is its first load after its branches changed (reading and
+        editing the graph) plus its first run (where OpenVINO compiles it; one inference besides)."""
         if action == "load" and part in self._pending:
             self._pending.discard(part)
             self.updates[part] = seconds
+            self._first_run.add(part)
+        elif action == "run" and part in self._first_run:
+            self._first_run.discard(part)
+            self.updates[part] += seconds

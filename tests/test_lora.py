@@ -190,3 +190,28 @@ def test_missing_lora_file_is_one_line(tiny_diffusers, tmp_path, capsys):
         main(["convert", str(tiny_diffusers), str(tmp_path / "out"), "--quiet", "--lora", "nope.safetensors:0.5"]) == 2
     )
     assert "--lora nope.safetensors: file not found" in capsys.readouterr().err
+
+
+def test_original_sd_key_names_fuse_as_diffusers_names(tiny_diffusers, lora_files, tmp_path):
+    """kohya files that name U-Net layers as the original SD checkpoint does (input_blocks_1_1_...) fuse the same."""
+    from safetensors.torch import load_file
+
+    from sdlite.lora_graph import ldm_path
+
+    kohya, _ = lora_files
+    unet = _load(tiny_diffusers).unet
+    dotted = {name.replace(".", "_"): name for name, _ in unet.named_modules()}
+    up_attention = {i for i, kind in enumerate(unet.config.up_block_types) if "CrossAttn" in kind}
+    renamed = {}
+    for key, tensor in load_file(kohya).items():
+        name, _, rest = key.partition(".")
+        if name.startswith("lora_unet_"):
+            path = ldm_path(dotted[name.removeprefix("lora_unet_")], unet.config.layers_per_block, up_attention)
+            name = "lora_unet_" + path.replace(".", "_")
+        renamed[f"{name}.{rest}"] = tensor
+    ldm = tmp_path / "ldm.safetensors"
+    save_file(renamed, ldm)
+    ours, theirs = _load(tiny_diffusers), _load(tiny_diffusers)
+    fuse_loras(ours, [LoraSpec(ldm, 0.8)])
+    fuse_loras(theirs, [LoraSpec(kohya, 0.8)])
+    assert _max_diff(ours, theirs, "unet") == 0
