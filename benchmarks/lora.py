@@ -26,7 +26,7 @@ import numpy as np
 
 from sdlite.benchmarks.hardware import hardware
 from sdlite.benchmarks.memory import max_rss_mb
-from sdlite.benchmarks.previews import _UNetTimer
+from sdlite.benchmarks.previews import UNetTimer
 
 # kohya's default targets ("LoRA-LierLa"): the transformer blocks' linears and 1x1 projections, the text encoder's.
 _TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
@@ -81,7 +81,7 @@ def _child(args: argparse.Namespace) -> dict:
         lora_dir=args.lora_dir,
         safety_checker=False,
     )
-    timer = _UNetTimer()
+    timer = UNetTimer()
     loads: list[str] = []
 
     class Loads:

@@ -20,7 +20,7 @@ from sdlite.benchmarks.fidelity import psnr
 from sdlite.images import to_unit
 
 
-class _UNetTimer:
+class UNetTimer:
     """A part-pool observer that keeps the U-Net's run times."""
 
     def __init__(self) -> None:
@@ -34,7 +34,7 @@ class _UNetTimer:
 
 def measure(pipe, prompt: str, steps: int, seed: int, size: tuple[int, int] | None, cfg: float | None) -> dict:
     """Step and preview times (ms) of one generation, and every preview's PSNR (dB) against the final image."""
-    timer = _UNetTimer()
+    timer = UNetTimer()
     pipe.parts.observers.append(timer)
     previews, preview_ms = [], []
 

@@ -99,6 +99,11 @@ def _mode_call(args: argparse.Namespace, pipe, common: dict):
     return pipe.outpaint(args.prompt, image, extend=args.extend, mask_blur=args.mask_blur, **common)
 
 
+def _check_preview_every(args: argparse.Namespace) -> None:
+    if args.preview_every < 0:
+        raise InputError(f"--preview-every {args.preview_every}: must be 0 (no previews) or more")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     """Run one generation mode (generate, img2img, inpaint, outpaint) and save PNGs with their infotext."""
     from sdlite.images import save_png
@@ -108,8 +113,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     outputs = _output_paths(args.output, seed, args.batch)  # fail before loading anything
     if args.steps is not None and args.steps < 1:
         raise InputError(f"--steps {args.steps}: must be at least 1")
-    if args.preview_every < 0:
-        raise InputError(f"--preview-every {args.preview_every}: must be 0 (no previews) or more")
+    _check_preview_every(args)
     for name in ("image", "mask"):
         if getattr(args, name, None) and not Path(getattr(args, name)).is_file():
             raise InputError(f"--{name} {getattr(args, name)}: file not found")
@@ -367,8 +371,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for name in ("max_queue", "max_images", "max_side"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
-    if args.preview_every < 0:
-        raise InputError(f"--preview-every {args.preview_every}: must be 0 (no previews) or more")
+    _check_preview_every(args)
     models = [Path(m) for m in args.model or []]
     if not models and args.models is None:
         models = [_default_model()]

@@ -302,3 +302,10 @@ def test_tags_without_a_lora_dir_and_bad_tags(all_precisions):
     with pytest.warns(SdliteWarning, match="hypernet networks are not supported"):
         tagged = _generate(pipe, "<hypernet:anime:1>")
     np.testing.assert_array_equal(tagged, _generate(pipe, ""))
+
+
+def test_serve_with_a_missing_lora_dir_is_one_line(all_precisions, tmp_path, capsys):
+    pytest.importorskip("uvicorn")
+    argv = ["serve", "-m", str(all_precisions), "--lora-dir", str(tmp_path / "nope"), "--port", "0", "--quiet"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == f"error: --lora-dir {tmp_path / 'nope'}: folder not found"

@@ -41,6 +41,9 @@ def serve(
             raise InputError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror})") from None
     catalog = Catalog(models, models_dir)
     app = create_app(catalog, load_options, **app_options)
+    # The first model loads here, not in the server's startup, so that a bad folder or option ends in one line and
+    # exit code 2 rather than in uvicorn's traceback.
+    app.state.host.pipeline()
     if not quiet:
         print(f"sdlite serve: {catalog.entries[0].title} on http://{host}:{port}/ (API docs at /docs)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning" if quiet else "info")

@@ -33,7 +33,7 @@ from sdlite import __version__, schedulers
 from sdlite.errors import InputError
 from sdlite.images import INFOTEXT_KEY, png_base64, save_png
 from sdlite.infotext import format_infotext, parse_infotext
-from sdlite.request import MAX_SEED, chosen_seed
+from sdlite.request import DEFAULT_STEPS, MAX_SEED, chosen_seed
 from sdlite.rng import NoiseGenerator
 from sdlite.server.catalog import Catalog, ModelEntry
 from sdlite.server.host import ModelHost
@@ -210,7 +210,7 @@ def make_spec(
     options = {
         "negative_prompt": body.negative_prompt or "",
         # A body without them (OpenAI's) gets the model's own (a few-step model's), else A1111's.
-        "steps": defaults.get("steps", 20) if body.steps is None else body.steps,
+        "steps": defaults.get("steps", DEFAULT_STEPS) if body.steps is None else body.steps,
         "cfg_scale": defaults.get("cfg_scale", 7.0) if body.cfg_scale is None else body.cfg_scale,
         "sampler": sampler,
         "schedule": schedule,
