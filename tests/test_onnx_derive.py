@@ -1,0 +1,93 @@
+"""The converter's ONNX fp16 and int8 variants, written one weight at a time, equal what onnxruntime's own float16
+converter and dynamic quantizer write from the same fp32 graph: same nodes, same weights, same outputs (bit for
+bit), for graphs with inline weights and with an external-data file."""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+from sdlite.convert.onnx_derive import onnx_fp16, onnx_int8
+from sdlite.layout import ONNX_EXTERNAL_DATA
+
+PARTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+
+
+def _reference_fp16(base: Path, out: Path) -> Path:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    out.mkdir(parents=True)
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(base)))
+    model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
+    onnx.save_model(model, str(out / "model.onnx"))
+    return out / "model.onnx"
+
+
+def _reference_int8(base: Path, out: Path) -> Path:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out.mkdir(parents=True)
+    quantize_dynamic(str(base), str(out / "model.onnx"), weight_type=QuantType.QInt8)
+    return out / "model.onnx"
+
+
+def _feeds(session: ort.InferenceSession) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for arg in session.get_inputs():
+        # Free axes: a batch of 1, 16 tokens or 16 pixels (enough for the VAE encoder's three halvings).
+        shape = [dim if isinstance(dim, int) else 1 if axis == 0 else 16 for axis, dim in enumerate(arg.shape)]
+        if "int" in arg.type:
+            feeds[arg.name] = rng.integers(0, 99, shape).astype(np.int64 if "int64" in arg.type else np.int32)
+        else:
+            feeds[arg.name] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+def _weights(graph: Path) -> dict[str, np.ndarray]:
+    model = onnx.load(str(graph))
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+@pytest.fixture(params=["inline", "external"])
+def base_graphs(request, tiny_onnx, tmp_path) -> dict[str, Path]:
+    """The tiny model's fp32 graphs, with their weights inline or in one external-data file (as big parts are)."""
+    graphs = {}
+    for part in PARTS:
+        model = onnx.load(str(tiny_onnx / part / "model.onnx"))
+        target = tmp_path / "base" / part / "model.onnx"
+        target.parent.mkdir(parents=True)
+        external = request.param == "external"
+        onnx.save_model(
+            model, str(target), save_as_external_data=external, location=ONNX_EXTERNAL_DATA, size_threshold=1024
+        )
+        graphs[part] = target
+    return graphs
+
+
+@pytest.mark.parametrize(("derive", "reference"), [(onnx_fp16, _reference_fp16), (onnx_int8, _reference_int8)])
+def test_variant_equals_onnxruntime_tools(base_graphs, tmp_path, derive, reference):
+    for part, base in base_graphs.items():
+        files = derive(base, tmp_path / "ours" / part)
+        external = (base.parent / ONNX_EXTERNAL_DATA).is_file()
+        assert [f.name for f in files] == ["model.onnx", *([ONNX_EXTERNAL_DATA] if external else [])]
+        theirs = reference(base, tmp_path / "theirs" / part)
+        ours_model, theirs_model = onnx.load(str(files[0])), onnx.load(str(theirs))
+        assert collections.Counter((n.op_type, n.name) for n in ours_model.graph.node) == collections.Counter(
+            (n.op_type, n.name) for n in theirs_model.graph.node
+        ), part
+        ours_weights, theirs_weights = _weights(files[0]), _weights(theirs)
+        assert set(ours_weights) == set(theirs_weights), part
+        for name, value in theirs_weights.items():
+            assert ours_weights[name].dtype == value.dtype and np.array_equal(ours_weights[name], value), (part, name)
+        session = ort.InferenceSession(str(files[0]), providers=["CPUExecutionProvider"])
+        feeds = _feeds(session)
+        expected = ort.InferenceSession(str(theirs), providers=["CPUExecutionProvider"]).run(None, feeds)
+        for got, want in zip(session.run(None, feeds), expected, strict=True):
+            np.testing.assert_array_equal(got, want)
