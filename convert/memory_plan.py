@@ -3,9 +3,9 @@
 A conversion runs one step at a time (one part's export, then each of its variants) and frees everything
 between steps, so its peak is the largest step's. Each step's peak and time are estimated from the part's
 float32 weight bytes ``W`` before any work starts, fitted to what the full SD 1.5 parts measured: the export
-holds the module's weights and traces; converting or quantizing holds the graph's weights about once or twice
-(the one read and the one written); validating holds the compiled graph; W8A8 calibration also runs the float32
-U-Net on calibration samples, whose activations grow with the latent area. The times weigh the progress bar's
+holds the module's weights and traces; OpenVINO conversions hold the graph's weights about once (the one being
+written), ONNX fp16/int8 one weight at a time; validating holds the compiled graph; W8A8 calibration also runs
+the float32 U-Net on calibration samples, whose activations grow with the latent area. The times weigh the progress bar's
 ETA.
 """
 
@@ -35,17 +35,19 @@ class StepCost:
 
 
 # Fitted to the full SD 1.5 parts (text encoder W = 0.49 GB, U-Net 3.44 GB, VAE 0.33 GB) converted on a 2-core
-# CPU (docs/memory.md), rounded up.
+# CPU (docs/memory.md), about 5% above what they measured. The ONNX fp16 and int8 steps stream the weights, so
+# their memory hardly grows with W (the small parts, whose weights sit inside the graph, cost the most per byte).
 STEP_COST = {
-    "export": StepCost(1.3, 1.0 * GB, 10),
-    "calibrate": StepCost(1.3, 1.0 * GB, 0, bytes_per_cell=0.3e6, seconds_per_gb_cell=0.011),
-    "openvino": StepCost(1.3, 0.5 * GB, 3),
+    "export": StepCost(1.0, 1.3 * GB, 10),
+    "calibrate": StepCost(1.0, 0.8 * GB, 0, bytes_per_cell=0.1e6, seconds_per_gb_cell=0.011),
+    "openvino": StepCost(1.25, 0.45 * GB, 4),
     "link": StepCost(0.0, 0.0, 0),
-    "onnx-fp16": StepCost(2.6, 0.5 * GB, 10),
-    "onnx-int8": StepCost(3.0, 0.5 * GB, 8),
-    "int8": StepCost(0.5, 0.5 * GB, 5),
-    "w8a8": StepCost(1.3, 0.5 * GB, 0, bytes_per_cell=0.5e6, seconds_per_gb_cell=0.03),
-    "validate": StepCost(2.0, 0.5 * GB, 3),
+    "onnx-fp16": StepCost(0.3, 1.1 * GB, 6),
+    "onnx-int8": StepCost(0.3, 1.5 * GB, 2),
+    "int8": StepCost(0.2, 0.5 * GB, 5),
+    "w8a8": StepCost(1.1, 0.4 * GB, 0, bytes_per_cell=0.5e6, seconds_per_gb_cell=0.03),
+    "validate": StepCost(1.25, 0.35 * GB, 3),
+    "validate-int8-ir": StepCost(1.45, 0.3 * GB, 3),
 }
 # Memory the converter leaves to the rest of the machine when no budget is given.
 HEADROOM = 0.9

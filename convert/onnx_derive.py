@@ -164,7 +164,7 @@ class _Int8Graph:
         names = (f"{stored}_quantized", f"{stored}_scale", f"{stored}_zero_point")
         if names[0] in self.values:
             return names
-        tensor = self.initializers[name]
+        tensor = _copy_header(self.initializers[name])  # the graph's own list is replaced by finish()
         cache: dict[str, np.ndarray] = {}
 
         def compute() -> None:

@@ -81,6 +81,9 @@ def run_graph(graph: Path, spec: PartSpec, feeds: dict[str, np.ndarray]) -> list
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # The graph as written, without onnxruntime's rewrites: on CPU its optimizer folds the Casts it puts before
+    # every fp16 weight into float32 copies of them (the fp16 SD 1.5 U-Net: 6.0 GB against 3.1 GB unoptimized).
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
     return session.run(list(spec.outputs), feeds)
 

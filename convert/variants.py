@@ -7,8 +7,9 @@ Every variant starts from the part's fp32 export, ONNX or the OpenVINO IR conver
 - OpenVINO IR fp32 / fp16: ``ov.convert_model`` on the ONNX file (seconds, against minutes from
   torch: 4 s against 80 s for the SD 1.5 U-Net) once, then saved with or without fp16 weight compression.
 - OpenVINO IR int8: NNCF weight compression (INT8_ASYM) of every MatMul/Conv weight.
-- OpenVINO IR w8a8 (U-Net only): NNCF post-training quantization of weights *and* activations, calibrated
-  on U-Net inputs recorded while generating real prompts (optimum-intel's "hybrid" mode does the same);
+- OpenVINO IR w8a8 (U-Net only): NNCF post-training quantization of weights *and* activations
+  (``sdlite.convert.w8a8``), calibrated on U-Net inputs recorded while generating real prompts (optimum-intel's
+  "hybrid" mode does the same);
   the VNNI int8 kernels then hold weights at one byte each and run about 1.5x faster than bf16.
 """
 
@@ -20,10 +21,12 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from sdlite.convert.onnx_derive import onnx_fp16, onnx_int8
+from sdlite.convert.w8a8 import quantize_w8a8
 from sdlite.engines.mapped_pages import ReleasedWhileRunning
 from sdlite.layout import GRAPH_FILES, graph_files
 
@@ -91,24 +94,22 @@ def openvino_ir(
                 shutil.copyfile(source, target)
             files.append(target)
         return files
-    with ReleasedWhileRunning([base.parent]), _nncf_output(quiet):
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with (
+        tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".steps-") as scratch,
+        ReleasedWhileRunning([base.parent, Path(scratch)]),
+        _nncf_output(quiet),
+    ):
         model = ov.Core().read_model(str(base))
         if precision == "int8":
             import nncf
 
             model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
         elif precision == "w8a8":
-            import nncf
-
             if not calibration:
                 raise ValueError("w8a8 needs calibration inputs")
-            model = nncf.quantize(
-                model,
-                nncf.Dataset(list(calibration)),
-                subset_size=len(calibration),
-                model_type=nncf.ModelType.TRANSFORMER,
-                fast_bias_correction=True,
-            )
+            model = quantize_w8a8(model, calibration, Path(scratch))
+        # Saved before the scratch folder goes: the model's float weights may still be mapped from it.
         return save_ir(model, out_dir, compress_to_fp16=precision == "fp16")
 
 

@@ -1,10 +1,14 @@
-"""The converter's ONNX fp16 and int8 variants, written one weight at a time, equal what onnxruntime's own float16
-converter and dynamic quantizer write from the same fp32 graph: same nodes, same weights, same outputs (bit for
-bit), for graphs with inline weights and with an external-data file."""
+"""The converter's memory-bounded variant writers equal the tools they stand in for, on the tiny model:
+- ONNX fp16 and int8, written one weight at a time, equal what onnxruntime's own float16 converter and dynamic
+  quantizer write from the same fp32 graph: same nodes, same weights, same outputs (bit for bit), for graphs with
+  inline weights and with an external-data file;
+- the OpenVINO W8A8 U-Net, quantized step by step with the model written to disk between steps, is byte for byte
+  the IR that ``nncf.quantize`` makes in one call."""
 
 from __future__ import annotations
 
 import collections
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -91,3 +95,36 @@ def test_variant_equals_onnxruntime_tools(base_graphs, tmp_path, derive, referen
         expected = ort.InferenceSession(str(theirs), providers=["CPUExecutionProvider"]).run(None, feeds)
         for got, want in zip(session.run(None, feeds), expected, strict=True):
             np.testing.assert_array_equal(got, want)
+
+
+def test_w8a8_steps_equal_nncf_quantize(tiny_onnx, tmp_path):
+    import nncf
+    import openvino as ov
+
+    from sdlite.convert.variants import onnx_to_openvino, save_ir
+    from sdlite.convert.w8a8 import quantize_w8a8
+
+    base = save_ir(onnx_to_openvino(tiny_onnx / "unet" / "model.onnx"), tmp_path / "base")[0]
+    rng = np.random.default_rng(0)
+    width = ov.Core().read_model(str(base)).input("encoder_hidden_states").get_partial_shape()[2].get_length()
+    samples = [
+        {
+            "sample": rng.standard_normal((1, 4, 8, 8)).astype(np.float32),
+            "timestep": np.asarray(900.0 - 150 * i, dtype=np.float32),
+            "encoder_hidden_states": rng.standard_normal((1, 77, width)).astype(np.float32),
+        }
+        for i in range(6)
+    ]
+    nncf.set_log_level(40)
+    theirs = nncf.quantize(
+        ov.Core().read_model(str(base)),
+        nncf.Dataset(samples),
+        subset_size=len(samples),
+        model_type=nncf.ModelType.TRANSFORMER,
+        fast_bias_correction=True,
+    )
+    ours = quantize_w8a8(ov.Core().read_model(str(base)), samples, tmp_path / "scratch")
+    assert (tmp_path / "scratch" / "step0.bin").is_file()  # the model between the two statistics runs
+    ours_files, theirs_files = save_ir(ours, tmp_path / "ours"), save_ir(theirs, tmp_path / "theirs")
+    for mine, reference in zip(ours_files, theirs_files, strict=True):
+        assert hashlib.sha256(mine.read_bytes()).digest() == hashlib.sha256(reference.read_bytes()).digest(), mine.name
