@@ -298,7 +298,11 @@ class _Run:
                         else:
                             source_graph = base.openvino if fmt == "openvino" else base.onnx
                             calibration = base.calibration if part_precision == "w8a8" else None
-                            files = derive(fmt, part_precision, source_graph, target_dir, calibration, self.quiet)
+                            # Intermediate files in .base, which goes with the work folder's other leftovers
+                            # when the conversion ends (also after a kill and --resume).
+                            files = derive(
+                                fmt, part_precision, source_graph, target_dir, calibration, self.quiet, root / ".base"
+                            )
                     if name == "text_encoder":
                         # Clip skip applies the final layer norm to an earlier layer at run time (see
                         # sdlite.conditioning); each variant folder gets its own copy so it stands alone.

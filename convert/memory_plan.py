@@ -5,8 +5,8 @@ between steps, so its peak is the largest step's. Each step's peak and time are 
 float32 weight bytes ``W`` before any work starts, fitted to what the full SD 1.5 parts measured: the export
 holds the module's weights and traces; OpenVINO conversions hold the graph's weights about once (the one being
 written), ONNX fp16/int8 one weight at a time; validating holds the compiled graph; W8A8 calibration also runs
-the float32 U-Net on calibration samples, whose activations grow with the latent area. The times weigh the progress bar's
-ETA.
+the float32 U-Net on calibration samples, whose activations grow with the latent area. The times weigh the
+progress bar's ETA.
 """
 
 from __future__ import annotations

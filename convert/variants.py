@@ -73,9 +73,15 @@ def _stable_op_names(model) -> None:
 
 
 def openvino_ir(
-    base: Path, out_dir: Path, precision: str, calibration: Sequence[dict] | None = None, quiet: bool = False
+    base: Path,
+    out_dir: Path,
+    precision: str,
+    calibration: Sequence[dict] | None = None,
+    quiet: bool = False,
+    scratch: Path | None = None,
 ) -> list[Path]:
-    """Derive OpenVINO IR in ``precision`` (fp32, fp16, int8 or w8a8) from the fp32 IR ``base``.
+    """Derive OpenVINO IR in ``precision`` (fp32, fp16, int8 or w8a8) from the fp32 IR ``base``; intermediate
+    models go to a temporary folder in ``scratch`` (default: beside ``out_dir``).
 
     The base's weights file is memory-mapped, and its pages are handed back while the variant is made (they
     are read once); so the process holds about one copy of the weights, the one being written."""
@@ -94,10 +100,11 @@ def openvino_ir(
                 shutil.copyfile(source, target)
             files.append(target)
         return files
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    scratch = scratch or out_dir.parent
+    scratch.mkdir(parents=True, exist_ok=True)
     with (
-        tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".steps-") as scratch,
-        ReleasedWhileRunning([base.parent, Path(scratch)]),
+        tempfile.TemporaryDirectory(dir=scratch, prefix=".steps-") as steps,
+        ReleasedWhileRunning([base.parent, Path(steps)]),
         _nncf_output(quiet),
     ):
         model = ov.Core().read_model(str(base))
@@ -108,7 +115,7 @@ def openvino_ir(
         elif precision == "w8a8":
             if not calibration:
                 raise ValueError("w8a8 needs calibration inputs")
-            model = quantize_w8a8(model, calibration, Path(scratch))
+            model = quantize_w8a8(model, calibration, Path(steps))
         # Saved before the scratch folder goes: the model's float weights may still be mapped from it.
         return save_ir(model, out_dir, compress_to_fp16=precision == "fp16")
 
@@ -130,11 +137,12 @@ def derive(
     out_dir: Path,
     calibration: Sequence[dict] | None = None,
     quiet: bool = False,
+    scratch: Path | None = None,
 ) -> list[Path]:
     """Write variant (``fmt``, ``precision``) of a part into ``out_dir``: OpenVINO variants from its fp32 IR
-    ``base``, ONNX ones from its fp32 ONNX graph ``base``."""
+    ``base``, ONNX ones from its fp32 ONNX graph ``base`` (``scratch``: where intermediate files go)."""
     if fmt == "openvino":
-        return openvino_ir(base, out_dir, precision, calibration, quiet)
+        return openvino_ir(base, out_dir, precision, calibration, quiet, scratch)
     if precision == "fp16":
         return onnx_fp16(base, out_dir)
     if precision == "int8":

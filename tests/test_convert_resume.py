@@ -1,8 +1,8 @@
 """Bounded-memory conversion: the budget check up front, and --resume after the process is killed mid-way.
 
 The kills are real (SIGKILL from inside the converting process, as the U-Net's export starts and as NNCF starts
-its W8A8 quantization), so nothing in the converter gets a chance to clean up; the resumed folder must equal,
-file for file, the one an uninterrupted conversion writes.
+the second statistics run of its W8A8 quantization), so nothing in the converter gets a chance to clean up; the
+resumed folder must equal, file for file, the one an uninterrupted conversion writes.
 """
 
 from __future__ import annotations
@@ -64,8 +64,13 @@ def uninterrupted(tiny_diffusers, tmp_path_factory) -> Path:
     [
         # At the start of the U-Net's ONNX export (the text encoder is finished by then).
         ("sdlite.convert.converter", "export_onnx", "args[0].name == 'unet'"),
-        # As NNCF starts the U-Net's W8A8 quantization (its export and calibration are journaled).
-        ("nncf", "quantize", "True"),
+        # In the U-Net's W8A8 quantization, as NNCF starts its second statistics run (its export and calibration
+        # are journaled; the intermediate model is on disk).
+        (
+            "nncf.quantization.algorithms.pipeline",
+            "collect_statistics",
+            "globals().setdefault('calls', []).append(1) or len(calls) == 2",
+        ),
     ],
     ids=["export", "quantize"],
 )
