@@ -230,26 +230,6 @@ PARTS: dict[str, PartSpec] = {
         wrap=lambda pipe: _VaeDecoder(pipe.vae),
         dummy_inputs=_latents,
     ),
-    # Exported from a tiny autoencoder (diffusers' AutoencoderTiny): wrap and dummy inputs take it, not ``pipe``;
-    # the VAE's tolerances (fp32 conv stacks of the same depth).
-    "taesd_encoder": PartSpec(
-        name="taesd_encoder",
-        inputs={"sample": {0: "batch_size", 2: "sample_height", 3: "sample_width"}},
-        outputs={"latent_sample": {0: "batch_size", 2: "latent_height", 3: "latent_width"}},
-        atol=3e-4,
-        rtol=1e-3,
-        wrap=_TinyEncoder,
-        dummy_inputs=_image,
-    ),
-    "taesd_decoder": PartSpec(
-        name="taesd_decoder",
-        inputs={"latent_sample": {0: "batch_size", 2: "latent_height", 3: "latent_width"}},
-        outputs={"sample": {0: "batch_size", 2: "height", 3: "width"}},
-        atol=3e-4,
-        rtol=1e-3,
-        wrap=_VaeDecoder,  # AutoencoderTiny.decode takes and gives what AutoencoderKL.decode does
-        dummy_inputs=_tiny_latents,
-    ),
     # Exported from the checkpoint's safety checker (not from ``pipe``): its wrap and dummy inputs take the
     # ``StableDiffusionSafetyChecker`` itself.
     "safety_checker": PartSpec(
@@ -262,6 +242,20 @@ PARTS: dict[str, PartSpec] = {
         dummy_inputs=_checker_inputs,
     ),
 }
+
+
+# Exported from a tiny autoencoder (diffusers' AutoencoderTiny): wrap and dummy inputs take it, not ``pipe``; the
+# VAE's axes and tolerances (fp32 conv stacks of the same depth). Its encoder gives the latents themselves.
+PARTS["taesd_encoder"] = dataclasses.replace(
+    PARTS["vae_encoder"],
+    name="taesd_encoder",
+    outputs={"latent_sample": PARTS["vae_encoder"].outputs["latent_parameters"]},
+    wrap=_TinyEncoder,
+)
+# AutoencoderTiny.decode takes and gives what AutoencoderKL.decode does.
+PARTS["taesd_decoder"] = dataclasses.replace(
+    PARTS["vae_decoder"], name="taesd_decoder", wrap=_VaeDecoder, dummy_inputs=_tiny_latents
+)
 
 
 def part_spec(name: str, pipe) -> PartSpec:

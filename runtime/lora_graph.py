@@ -48,6 +48,11 @@ _GEGLU_HALVES = {"value": 0, "gate": 1}
 _LINEAR_NAME = re.compile(r"^(?P<path>.*)/(?P<op>MatMul|Gemm|Conv)$")
 _QUANT_NAME = re.compile(r"^(?P<path>.*)/(?P<op>MatMul|Gemm|Conv)(_MatMul)?_quant$")
 _BLOCK_LAYER = re.compile(r"(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)$")
+# diffusers' names -> LDM's, for a resnet's layers and for the layers outside the blocks.
+_LDM_RESNET = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1"}
+_LDM_RESNET |= {"conv_shortcut": "skip_connection", "norm1": "in_layers.0", "norm2": "out_layers.0"}
+_LDM_TOP = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "conv_norm_out": "out.0"}
+_LDM_TOP |= {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2"}
 _OPENVINO_NAME = re.compile(r"^(?P<path>.*)/(?P<op>MatMul|Gemm|Conv)(/WithoutBiases)?$")
 
 
@@ -170,16 +175,10 @@ def ldm_path(path: str, layers_per_block: int, up_attention: set[int]) -> str | 
     """A diffusers U-Net module path in the original Stable Diffusion (LDM) layout, as kohya's older LoRA files
     name layers (``down_blocks.1.attentions.0.proj_in`` -> ``input_blocks.4.1.proj_in``); None when it has none.
     ``up_attention`` holds the indices of the up blocks with attention layers (their upsampler comes third)."""
-    resnet = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1"}
-    resnet |= {"conv_shortcut": "skip_connection", "norm1": "in_layers.0", "norm2": "out_layers.0"}
-    top = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "conv_norm_out": "out.0"}
-    top |= {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2"}
-    if path in top:
-        return top[path]
+    if path in _LDM_TOP:
+        return _LDM_TOP[path]
     per = layers_per_block + 1
-    match = re.match(
-        r"(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)$", path
-    )
+    match = _BLOCK_LAYER.match(path)
     if match:
         blocks, block, kind, index, rest = match[1], int(match[2]), match[3], int(match[4]), match[5]
         if kind in ("downsamplers", "upsamplers"):
@@ -189,7 +188,7 @@ def ldm_path(path: str, layers_per_block: int, up_attention: set[int]) -> str | 
                 return f"input_blocks.{(block + 1) * per}.0.op"
             return f"output_blocks.{block * per + layers_per_block}.{2 if block in up_attention else 1}.conv"
         if kind == "resnets":
-            rest = resnet.get(rest)
+            rest = _LDM_RESNET.get(rest)
             if rest is None:
                 return None
         number = 1 + block * per + index if blocks == "down_blocks" else block * per + index
@@ -199,7 +198,7 @@ def ldm_path(path: str, layers_per_block: int, up_attention: set[int]) -> str | 
     if match:
         kind, index, rest = match[1], int(match[2]), match[3]
         if kind == "resnets":
-            rest = resnet.get(rest)
+            rest = _LDM_RESNET.get(rest)
             return None if rest is None else f"middle_block.{2 * index}.{rest}"
         return f"middle_block.1.{rest}"
     return None
