@@ -276,11 +276,14 @@ class _Run:
         for name, part in parts.items():
             base = self.export_base(name, part, (trace, check), _calibrates(name, part))
             meter.advance(units[(name, "fp32", "export")] + units.get((name, "w8a8", "calibrate"), 0))
+            # The part's module (or the wrapper around it) goes with its export; the pipeline keeps a module
+            # only until its last part is exported (the U-Net's calibration runs the text encoder).
+            part.source = None
             for module_name, user in last_user.items():
                 if user == name:
                     setattr(pipe, module_name, None)
             if name == SAFETY_CHECKER:
-                self.loaded.safety_checker = part.source = None
+                self.loaded.safety_checker = None
             if base.openvino is not None:
                 self.convert_base_to_openvino(name, part, base)
                 meter.advance(units[(name, "fp32 openvino", "openvino")])

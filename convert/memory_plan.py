@@ -45,7 +45,7 @@ STEP_COST = {
     "onnx-fp16": StepCost(0.3, 1.1 * GB, 6),
     "onnx-int8": StepCost(0.3, 1.5 * GB, 2),
     "int8": StepCost(0.2, 0.5 * GB, 5),
-    "w8a8": StepCost(1.1, 0.4 * GB, 0, bytes_per_cell=0.5e6, seconds_per_gb_cell=0.03),
+    "w8a8": StepCost(1.0, 0.3 * GB, 0, bytes_per_cell=0.25e6, seconds_per_gb_cell=0.03),
     "validate": StepCost(1.25, 0.35 * GB, 3),
     "validate-int8-ir": StepCost(1.45, 0.3 * GB, 3),
 }

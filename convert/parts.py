@@ -278,9 +278,10 @@ def final_layer_norm(pipe) -> dict[str, np.ndarray]:
     """The text encoder's final LayerNorm (weight, bias, eps), which clip skip applies to an earlier layer's
     hidden state; the runtime reads it from ``sdlite.layout.FINAL_NORM_FILE`` next to the text encoder's graph."""
     norm = pipe.text_encoder.text_model.final_layer_norm
+    # Copies: a view would keep the whole memory-mapped checkpoint file resident for the rest of the conversion.
     return {
-        "weight": norm.weight.detach().float().numpy(),
-        "bias": norm.bias.detach().float().numpy(),
+        "weight": norm.weight.detach().float().numpy().copy(),
+        "bias": norm.bias.detach().float().numpy().copy(),
         "eps": np.asarray(norm.eps, dtype=np.float64),
     }
 

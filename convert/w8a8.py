@@ -4,16 +4,27 @@
 MatMuls and needs a first statistics run), then min/max quantization with fast bias correction (a second run).
 Each statistics run compiles the float32 model, which holds a repacked copy of every weight; during the second
 run, SmoothQuant's rewritten model also sits in memory (2.4 GB more for the SD 1.5 U-Net). The same pipeline is
-run here step by step, and between steps the model is written to a scratch IR and mapped back, so the weights
-the next run compiles from are file pages that can be given back (``sdlite.engines.mapped_pages``). The steps,
+run here step by step, and between steps the weights SmoothQuant rewrote are written to a scratch IR and mapped
+back, so the weights the next run compiles from are all file pages that can be given back
+(``sdlite.engines.mapped_pages``). Only those weights are written: saving the whole model would read every
+unchanged weight through its mapping in one call that holds the GIL, so the pages could not be given back as it
+runs (1.4 GB more at that moment in the converter). The steps,
 statistics and result are those of ``nncf.quantize(model, dataset, subset_size=len(samples),
 model_type=TRANSFORMER, fast_bias_correction=True)``.
+
+NNCF collects its statistics with reductions added to the graph as extra outputs, after the model's own. The
+OpenVINO CPU plugin orders nodes by walking back from the outputs in their order, so every reduction would run
+after the whole U-Net and each tensor it reads would stay allocated until then (about 2 GB for the SD 1.5 U-Net at
+64x64 latents). Listing the added outputs first puts each reduction right after the tensor it reads.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+from sdlite.convert.phases import release_freed_memory
 
 
 def quantize_w8a8(model, samples: Sequence[dict], scratch: Path):
@@ -21,7 +32,6 @@ def quantize_w8a8(model, samples: Sequence[dict], scratch: Path):
     model's inputs); intermediate models go to the folder ``scratch``, whose mapped pages the caller releases
     while this runs."""
     import nncf
-    import openvino as ov
     from nncf.common.factory import build_graph
     from nncf.openvino.graph.model_utils import remove_friendly_name_duplicates
     from nncf.openvino.rt_info import dump_parameters
@@ -43,14 +53,13 @@ def quantize_w8a8(model, samples: Sequence[dict], scratch: Path):
     for index in range(steps):
         graph = build_graph(model)
         points = pipeline.get_statistic_points_for_step(index, model, graph)
-        statistics = collect_statistics(points, model, graph, dataset)
+        with _reductions_first(len(model.get_results())):
+            statistics = collect_statistics(points, model, graph, dataset)
         model = pipeline.run_step(index, statistics, model, graph)
         del graph, points, statistics
         if index < steps - 1:
-            path = scratch / f"step{index}.xml"
-            ov.save_model(model, str(path), compress_to_fp16=False)
-            del model
-            model = ov.Core().read_model(str(path))
+            _map_rewritten_weights(model, scratch / f"step{index}.xml")
+            release_freed_memory()  # the rewritten weights' heap copies, gone from the graph
     compress_quantize_weights_transformation(model)
     dump_parameters(
         model,
@@ -63,3 +72,68 @@ def quantize_w8a8(model, samples: Sequence[dict], scratch: Path):
         },
     )
     return model
+
+
+def _file_mapped_ranges() -> list[tuple[int, int]]:
+    """Address ranges where a file is mapped into this process."""
+    ranges = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].startswith("/"):
+                start, end = (int(address, 16) for address in fields[0].split("-"))
+                ranges.append((start, end))
+    return ranges
+
+
+def _map_rewritten_weights(model, path: Path) -> None:
+    """Move ``model``'s weights held in process memory (rather than mapped from a file) to the IR ``path`` and
+    put the mapped copies in their place: same values, same names."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    mapped = _file_mapped_ranges()
+
+    def in_memory(constant) -> bool:
+        data = constant.get_data()
+        if not data.nbytes:
+            return False
+        address = data.ctypes.data
+        return not any(start <= address < end for start, end in mapped)
+
+    constants = [op for op in model.get_ordered_ops() if op.get_type_name() == "Constant" and in_memory(op)]
+    if not constants:
+        return
+    ov.save_model(ov.Model([ops.result(c.output(0)) for c in constants], [], "weights"), str(path), False)
+    for old, result in zip(constants, ov.Core().read_model(str(path)).get_results(), strict=True):
+        new = result.input_value(0).get_node()
+        new.set_friendly_name(old.get_friendly_name())
+        new.output(0).get_tensor().set_names(old.output(0).get_tensor().get_names())
+        old.output(0).replace(new.output(0))
+
+
+@contextlib.contextmanager
+def _reductions_first(own_outputs: int) -> Iterator[None]:
+    """While NNCF collects statistics, its engines get the model with the outputs it added listed before the
+    model's ``own_outputs`` (same nodes, same tensor names: NNCF reads outputs by name)."""
+    import openvino as ov
+    from nncf.common import factory
+
+    create = factory.EngineFactory.create
+
+    def create_reordered(model):
+        results = list(model.get_results())
+        if len(results) > own_outputs:
+            model = ov.Model(
+                results=results[own_outputs:] + results[:own_outputs],
+                sinks=list(model.get_sinks()),
+                parameters=list(model.get_parameters()),
+                name=model.friendly_name,
+            )
+        return create(model)
+
+    factory.EngineFactory.create = staticmethod(create_reordered)
+    try:
+        yield
+    finally:
+        factory.EngineFactory.create = staticmethod(create)

@@ -11,6 +11,9 @@ image's are flagged. For the safety-checker tests.
 padding) at toy width, predicting v (Salimans & Ho 2022) as SD 2.x 768 models do.
 ``sd15-random``: the full SD 1.5 architecture (859.5M-parameter U-Net) with random weights, for speed
 and memory figures.
+``tiny-sdxl``: the SDXL base layout (two CLIP text encoders, the second with a projection; a U-Net with
+linear attention projections, transformer depth per level, no attention at the first level, and the "text_time"
+added conditioning on the pooled text embedding and six size/crop numbers) at toy width.
 ``tiny-taesd``: a tiny autoencoder (diffusers' AutoencoderTiny) with TAESD's own architecture, which is small
 already, and random weights: convert it beside a model with ``sdlite convert --tiny-vae``.
 """
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdlite.convert.atomic import atomic_output_dir
+from sdlite.layout import DEFAULT_VAE_SCALING
 from sdlite.models.clip_vocab import write_clip_tokenizer
 
 # SD 1.5's own scheduler configuration (runwayml/stable-diffusion-v1-5, scheduler_config.json).
@@ -47,6 +51,25 @@ LCM_SCHEDULER = {
     "set_alpha_to_one": True,
     "steps_offset": 1,
 }
+# SDXL base's (stabilityai/stable-diffusion-xl-base-1.0, scheduler_config.json): Euler on the SD 1.5 betas.
+SDXL_SCHEDULER = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
+    "timestep_spacing": "leading",
+    "steps_offset": 1,
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "clip_sample": False,
+    "trained_betas": None,
+    "prediction_type": "epsilon",
+}
+# SDXL's VAE latent scale (its config's scaling_factor).
+SDXL_VAE_SCALING = 0.13025
 # SD 2.x 768-v's (stabilityai/stable-diffusion-2-1): DDIM on the SD 1.5 betas, predicting v.
 SD2_V_SCHEDULER = {**SD15_SCHEDULER, "prediction_type": "v_prediction"}
 
@@ -75,6 +98,14 @@ class Widths:
     time_cond_proj_dim: int | None = None
     # SD 2.x's layout: linear attention projections, heads per level, GELU text encoder, v prediction.
     sd2: bool = False
+    # SDXL's layout (see ``build_sdxl_pipeline``): transformer blocks per level (none at the first), the second
+    # text encoder's width and layers, and the width of each of the six added time ids' embeddings.
+    sdxl_transformer_layers: tuple[int, ...] = ()
+    text2_hidden: int = 0
+    text2_ffn: int = 0
+    text2_layers: int = 0
+    text2_heads: int = 0
+    time_embed_dim: int = 0
 
 
 _TINY = Widths(
@@ -92,12 +123,34 @@ _TINY = Widths(
     sample_size=8,
 )
 
+_TINY_SDXL = Widths(
+    unet_channels=(32, 64),
+    unet_layers=1,
+    unet_head_dim=8,
+    unet_groups=8,
+    vae_channels=(16, 16, 32, 32),
+    vae_layers=1,
+    vae_groups=8,
+    text_hidden=32,
+    text_ffn=64,
+    text_layers=2,
+    text_heads=4,
+    sample_size=8,
+    sdxl_transformer_layers=(0, 2),
+    text2_hidden=48,
+    text2_ffn=96,
+    text2_layers=3,
+    text2_heads=4,
+    time_embed_dim=8,
+)
+
 RECIPES: dict[str, Widths] = {
     "tiny": _TINY,
     "tiny-inpaint": dataclasses.replace(_TINY, unet_in_channels=9),
     "tiny-safety": dataclasses.replace(_TINY, safety_checker=True),
     "tiny-lcm": dataclasses.replace(_TINY, time_cond_proj_dim=32),
     "tiny-sd2-v": dataclasses.replace(_TINY, sd2=True),
+    "tiny-sdxl": _TINY_SDXL,
     "sd15-random": Widths(
         unet_channels=(320, 640, 1280, 1280),
         unet_layers=2,
@@ -170,7 +223,6 @@ def build_pipeline(widths: Widths, seed: int = 0):
     """Create a ``diffusers.StableDiffusionPipeline`` of the SD 1.5 architecture at the given widths."""
     import torch
     from diffusers import (
-        AutoencoderKL,
         DDIMScheduler,
         LatentConsistencyModelPipeline,
         LCMScheduler,
@@ -179,7 +231,7 @@ def build_pipeline(widths: Widths, seed: int = 0):
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -196,34 +248,21 @@ def build_pipeline(widths: Widths, seed: int = 0):
         cross_attention_dim=widths.text_hidden,
         time_cond_proj_dim=widths.time_cond_proj_dim,
     )
-    vae = AutoencoderKL(
-        block_out_channels=widths.vae_channels,
-        down_block_types=("DownEncoderBlock2D",) * len(widths.vae_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(widths.vae_channels),
-        layers_per_block=widths.vae_layers,
-        norm_num_groups=widths.vae_groups,
-        latent_channels=4,
-        sample_size=widths.sample_size * 8,
-    )
+    vae = _vae(widths)
+    act = "gelu" if widths.sd2 else "quick_gelu"
     text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=widths.text_hidden,
-            intermediate_size=widths.text_ffn,
-            num_hidden_layers=widths.text_layers,
-            num_attention_heads=widths.text_heads,
-            max_position_embeddings=77,
-            projection_dim=widths.text_hidden,
-            hidden_act="gelu" if widths.sd2 else "quick_gelu",
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=0 if widths.sd2 else 1,
+        _clip_text_config(
+            widths.text_hidden,
+            widths.text_ffn,
+            widths.text_layers,
+            widths.text_heads,
+            act,
+            0 if widths.sd2 else 1,
+            widths.text_hidden,
         )
     )
-    with tempfile.TemporaryDirectory() as tok_dir:
-        write_clip_tokenizer(tok_dir)
-        # OpenCLIP (SD 2.x) pads with "!" (id 0) where OpenAI's CLIP repeats the end token.
-        tokenizer = CLIPTokenizer.from_pretrained(tok_dir, **({"pad_token": "!"} if widths.sd2 else {}))
+    # OpenCLIP (SD 2.x) pads with "!" (id 0) where OpenAI's CLIP repeats the end token.
+    tokenizer = _clip_tokenizer("!" if widths.sd2 else None)
     if widths.time_cond_proj_dim:
         scheduler, pipeline_class = LCMScheduler.from_config(LCM_SCHEDULER), LatentConsistencyModelPipeline
     elif widths.sd2:
@@ -244,6 +283,114 @@ def build_pipeline(widths: Widths, seed: int = 0):
     )
 
 
+def _vae(widths: Widths, scaling_factor: float = DEFAULT_VAE_SCALING):
+    """SD's KL autoencoder (4 latent channels, 8 pixels per latent cell at SD's depth) at the given widths."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=widths.vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(widths.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(widths.vae_channels),
+        layers_per_block=widths.vae_layers,
+        norm_num_groups=widths.vae_groups,
+        latent_channels=4,
+        sample_size=widths.sample_size * 8,
+        scaling_factor=scaling_factor,
+    )
+
+
+def _clip_tokenizer(pad_token: str | None = None):
+    """A transformers ``CLIPTokenizer`` on the real CLIP vocabulary, padding with ``pad_token`` if given."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tok_dir:
+        write_clip_tokenizer(tok_dir)
+        return CLIPTokenizer.from_pretrained(tok_dir, **({"pad_token": pad_token} if pad_token else {}))
+
+
+def _clip_text_config(hidden: int, ffn: int, layers: int, heads: int, act: str, pad: int, projection: int):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        projection_dim=projection,
+        hidden_act=act,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=pad,
+    )
+
+
+def build_sdxl_pipeline(widths: Widths, seed: int = 0):
+    """A ``diffusers.StableDiffusionXLPipeline`` of SDXL base's layout at the given widths.
+
+    As in SDXL base: text encoder 1 is OpenAI CLIP (quick GELU, padding with the end token), text encoder 2 is
+    OpenCLIP with a text projection (GELU, padding with "!"); the U-Net's cross-attention width is the two
+    encoders' widths together, its added embedding takes the projected pooled text embedding and six time ids;
+    head width 64 in the real model (``unet_head_dim`` here); the VAE scales latents by 0.13025."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    attends = [layers > 0 for layers in widths.sdxl_transformer_layers]
+    unet = UNet2DConditionModel(
+        sample_size=widths.sample_size,
+        in_channels=widths.unet_in_channels,
+        block_out_channels=widths.unet_channels,
+        layers_per_block=widths.unet_layers,
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attends),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attends)),
+        attention_head_dim=tuple(max(c // widths.unet_head_dim, 1) for c in widths.unet_channels),
+        transformer_layers_per_block=tuple(max(layers, 1) for layers in widths.sdxl_transformer_layers),
+        use_linear_projection=True,
+        norm_num_groups=widths.unet_groups,
+        cross_attention_dim=widths.text_hidden + widths.text2_hidden,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=widths.time_embed_dim,
+        projection_class_embeddings_input_dim=widths.text2_hidden + 6 * widths.time_embed_dim,
+    )
+    vae = _vae(widths, SDXL_VAE_SCALING)
+    text_encoder = CLIPTextModel(
+        _clip_text_config(
+            widths.text_hidden,
+            widths.text_ffn,
+            widths.text_layers,
+            widths.text_heads,
+            "quick_gelu",
+            1,
+            widths.text_hidden,
+        )
+    )
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _clip_text_config(
+            widths.text2_hidden,
+            widths.text2_ffn,
+            widths.text2_layers,
+            widths.text2_heads,
+            "gelu",
+            0,
+            widths.text2_hidden,
+        )
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=_clip_tokenizer(),
+        tokenizer_2=_clip_tokenizer("!"),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+
+
 def build_tiny_vae(seed: int = 0):
     """A ``diffusers.AutoencoderTiny`` with TAESD's architecture (SD's 4 latent channels) and random weights."""
     import torch
@@ -261,7 +408,12 @@ def build(name: str, out: str | Path, seed: int = 0) -> Path:
     """Build recipe ``name`` and save it as a diffusers folder at ``out`` (written atomically)."""
     if name not in RECIPES and name not in PART_RECIPES:
         raise ValueError(f"unknown recipe {name!r}; known recipes: {', '.join([*RECIPES, *PART_RECIPES])}")
-    model = PART_RECIPES[name](seed) if name in PART_RECIPES else build_pipeline(RECIPES[name], seed)
+    if name in PART_RECIPES:
+        model = PART_RECIPES[name](seed)
+    elif RECIPES[name].sdxl_transformer_layers:
+        model = build_sdxl_pipeline(RECIPES[name], seed)
+    else:
+        model = build_pipeline(RECIPES[name], seed)
     with atomic_output_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
     return Path(out)
