@@ -123,19 +123,10 @@ _TINY = Widths(
     sample_size=8,
 )
 
-_TINY_SDXL = Widths(
+# SDXL's layout at toy width: two U-Net levels (SDXL has three), the first without attention.
+_TINY_SDXL = dataclasses.replace(
+    _TINY,
     unet_channels=(32, 64),
-    unet_layers=1,
-    unet_head_dim=8,
-    unet_groups=8,
-    vae_channels=(16, 16, 32, 32),
-    vae_layers=1,
-    vae_groups=8,
-    text_hidden=32,
-    text_ffn=64,
-    text_layers=2,
-    text_heads=4,
-    sample_size=8,
     sdxl_transformer_layers=(0, 2),
     text2_hidden=48,
     text2_ffn=96,
