@@ -8,9 +8,8 @@ run here step by step, and between steps the weights SmoothQuant rewrote are wri
 back, so the weights the next run compiles from are all file pages that can be given back
 (``sdlite.engines.mapped_pages``). Only those weights are written: saving the whole model would read every
 unchanged weight through its mapping in one call that holds the GIL, so the pages could not be given back as it
-runs (1.4 GB more at that moment in the converter). The steps,
-statistics and result are those of ``nncf.quantize(model, dataset, subset_size=len(samples),
-model_type=TRANSFORMER, fast_bias_correction=True)``.
+runs (1.4 GB more at that moment in the converter). The steps, statistics and result are those of
+``nncf.quantize(model, dataset, subset_size=len(samples), model_type=TRANSFORMER, fast_bias_correction=True)``.
 
 NNCF collects its statistics with reductions added to the graph as extra outputs, after the model's own. The
 OpenVINO CPU plugin orders nodes by walking back from the outputs in their order, so every reduction would run
@@ -25,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from sdlite.convert.phases import release_freed_memory
+from sdlite.engines.mapped_pages import mapped_files
 
 
 def quantize_w8a8(model, samples: Sequence[dict], scratch: Path):
@@ -74,25 +74,13 @@ def quantize_w8a8(model, samples: Sequence[dict], scratch: Path):
     return model
 
 
-def _file_mapped_ranges() -> list[tuple[int, int]]:
-    """Address ranges where a file is mapped into this process."""
-    ranges = []
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            fields = line.split(maxsplit=5)
-            if len(fields) == 6 and fields[5].startswith("/"):
-                start, end = (int(address, 16) for address in fields[0].split("-"))
-                ranges.append((start, end))
-    return ranges
-
-
 def _map_rewritten_weights(model, path: Path) -> None:
     """Move ``model``'s weights held in process memory (rather than mapped from a file) to the IR ``path`` and
     put the mapped copies in their place: same values, same names."""
     import openvino as ov
     import openvino.opset13 as ops
 
-    mapped = _file_mapped_ranges()
+    mapped = [(start, start + length) for start, length, _, _ in mapped_files()]
 
     def in_memory(constant) -> bool:
         data = constant.get_data()

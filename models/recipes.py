@@ -240,17 +240,8 @@ def build_pipeline(widths: Widths, seed: int = 0):
         time_cond_proj_dim=widths.time_cond_proj_dim,
     )
     vae = _vae(widths)
-    act = "gelu" if widths.sd2 else "quick_gelu"
     text_encoder = CLIPTextModel(
-        _clip_text_config(
-            widths.text_hidden,
-            widths.text_ffn,
-            widths.text_layers,
-            widths.text_heads,
-            act,
-            0 if widths.sd2 else 1,
-            widths.text_hidden,
-        )
+        _clip_text_config(widths.text_hidden, widths.text_ffn, widths.text_layers, widths.text_heads, widths.sd2)
     )
     # OpenCLIP (SD 2.x) pads with "!" (id 0) where OpenAI's CLIP repeats the end token.
     tokenizer = _clip_tokenizer("!" if widths.sd2 else None)
@@ -299,7 +290,9 @@ def _clip_tokenizer(pad_token: str | None = None):
         return CLIPTokenizer.from_pretrained(tok_dir, **({"pad_token": pad_token} if pad_token else {}))
 
 
-def _clip_text_config(hidden: int, ffn: int, layers: int, heads: int, act: str, pad: int, projection: int):
+def _clip_text_config(hidden: int, ffn: int, layers: int, heads: int, open_clip: bool):
+    """A CLIP text encoder's config on the real vocabulary: OpenAI CLIP's (quick GELU, padding id 1) or OpenCLIP's
+    (GELU, padding with "!", id 0); the projection, where the model has one, keeps the width."""
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
@@ -309,11 +302,11 @@ def _clip_text_config(hidden: int, ffn: int, layers: int, heads: int, act: str, 
         num_hidden_layers=layers,
         num_attention_heads=heads,
         max_position_embeddings=77,
-        projection_dim=projection,
-        hidden_act=act,
+        projection_dim=hidden,
+        hidden_act="gelu" if open_clip else "quick_gelu",
         bos_token_id=49406,
         eos_token_id=49407,
-        pad_token_id=pad,
+        pad_token_id=0 if open_clip else 1,
     )
 
 
@@ -348,26 +341,10 @@ def build_sdxl_pipeline(widths: Widths, seed: int = 0):
     )
     vae = _vae(widths, SDXL_VAE_SCALING)
     text_encoder = CLIPTextModel(
-        _clip_text_config(
-            widths.text_hidden,
-            widths.text_ffn,
-            widths.text_layers,
-            widths.text_heads,
-            "quick_gelu",
-            1,
-            widths.text_hidden,
-        )
+        _clip_text_config(widths.text_hidden, widths.text_ffn, widths.text_layers, widths.text_heads, False)
     )
     text_encoder_2 = CLIPTextModelWithProjection(
-        _clip_text_config(
-            widths.text2_hidden,
-            widths.text2_ffn,
-            widths.text2_layers,
-            widths.text2_heads,
-            "gelu",
-            0,
-            widths.text2_hidden,
-        )
+        _clip_text_config(widths.text2_hidden, widths.text2_ffn, widths.text2_layers, widths.text2_heads, True)
     )
     return StableDiffusionXLPipeline(
         vae=vae,

@@ -29,19 +29,28 @@ def _madvise():
     return libc.madvise
 
 
+def mapped_files() -> list[tuple[int, int, str, str]]:
+    """Every file mapping of this process: (start address, length, permissions such as ``r--p``, file path)."""
+    mappings = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            path = fields[5].rstrip("\n") if len(fields) == 6 else ""
+            if path.startswith("/"):
+                start, end = (int(address, 16) for address in fields[0].split("-"))
+                mappings.append((start, end - start, fields[1], path))
+    return mappings
+
+
 def _read_only_ranges(folders: list[Path]) -> list[tuple[int, int]]:
     """Address ranges where a file under one of ``folders`` is mapped without write access (so its pages are
     never dirty and can be dropped)."""
     prefixes = tuple(os.path.join(os.path.realpath(folder), "") for folder in folders)
-    ranges = []
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            fields = line.split(maxsplit=5)
-            mapped = fields[5].rstrip("\n") if len(fields) == 6 else ""
-            if mapped.startswith(prefixes) and fields[1].startswith("r-"):
-                start, end = (int(address, 16) for address in fields[0].split("-"))
-                ranges.append((start, end - start))
-    return ranges
+    return [
+        (start, length)
+        for start, length, permissions, path in mapped_files()
+        if path.startswith(prefixes) and permissions.startswith("r-")
+    ]
 
 
 def release(folders: list[Path]) -> int:
