@@ -35,6 +35,11 @@ def calibration_inputs(pipe, quiet: bool = True) -> list[dict[str, np.ndarray]]:
                     "sample": sample[index : index + 1].detach().numpy().copy(),
                     "timestep": np.asarray(float(timestep.reshape(-1)[0]), dtype=np.float32),
                     "encoder_hidden_states": context[index : index + 1].detach().numpy().copy(),
+                    # An SDXL U-Net's pooled text embedding and time ids.
+                    **{
+                        name: value[index : index + 1].detach().numpy().copy()
+                        for name, value in (kwargs.get("added_cond_kwargs") or {}).items()
+                    },
                 }
             )
 

@@ -31,12 +31,15 @@ from sdlite.layout import (
     FINAL_NORM_FILE,
     GRAPH_FILES,
     MODEL_INDEX,
-    PARTS,
     SAFETY_CHECKER,
     SCHEDULER_CONFIG,
+    SDXL_FAMILIES,
+    TEXT_ENCODER_2,
     TINY_VAE_PARTS,
+    TOKENIZER_2_DIR,
     TOKENIZER_DIR,
     family_of,
+    family_parts,
     graph_files,
 )
 from sdlite.manifest import Manifest, Variant
@@ -48,21 +51,32 @@ def _check_choice(kind: str, requested: list[str], supported: tuple[str, ...]) -
         raise InputError(f"--{kind} {','.join(unknown)}: not supported; this version supports {', '.join(supported)}")
 
 
-def _model_index(pipe, feature_extractor=None) -> dict:
+def _model_index(pipe, family: str, feature_extractor=None) -> dict:
     """diffusers' model_index.json with optimum's ONNX pipeline component names.
 
     The safety checker stays ``[null, null]`` even when the folder holds one: optimum-intel's
     OVStableDiffusionPipeline loads a listed ``safety_checker`` folder with PyTorch's ``from_pretrained``,
-    which an ONNX/IR-only folder cannot satisfy. sdlite finds the checker through its manifest and files."""
+    which an ONNX/IR-only folder cannot satisfy. sdlite finds the checker through its manifest and files.
+    SDXL's pipeline options (zero conditioning for an empty negative prompt, the refiner's aesthetic score) are
+    kept: the runtime and optimum's pipelines read them."""
     index = {key: value for key, value in dict(pipe.config).items() if not key.startswith("_")}
-    components = {
+    classes = {
         "text_encoder": ["transformers", "CLIPTextModel"],
+        TEXT_ENCODER_2: ["transformers", "CLIPTextModelWithProjection"],
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae_encoder": ["diffusers", "AutoencoderKL"],
         "vae_decoder": ["diffusers", "AutoencoderKL"],
-        "tokenizer": index.get("tokenizer", ["transformers", "CLIPTokenizer"]),
-        "scheduler": index.get("scheduler", ["diffusers", "PNDMScheduler"]),
     }
+    parts = family_parts(family)
+    components = {name: classes[name] if name in parts else [None, None] for name in classes}
+    components["tokenizer"] = index.get("tokenizer", ["transformers", "CLIPTokenizer"])
+    if family in SDXL_FAMILIES:
+        components["tokenizer_2"] = index.get("tokenizer_2", ["transformers", "CLIPTokenizer"])
+        options = ("force_zeros_for_empty_prompt", "requires_aesthetics_score")
+        components |= {key: index[key] for key in options if key in index}
+    else:
+        del components[TEXT_ENCODER_2]
+    components["scheduler"] = index.get("scheduler", ["diffusers", "PNDMScheduler"])
     return {
         "_class_name": type(pipe).__name__,
         "_diffusers_version": pipe.config.get("_diffusers_version"),
@@ -73,14 +87,18 @@ def _model_index(pipe, feature_extractor=None) -> dict:
     }
 
 
-def _save_configs(pipe, folder: Path, loaded=None, tiny: TinyVae | None = None) -> None:
-    for part in PARTS:
+def _save_configs(pipe, family: str, folder: Path, loaded=None, tiny: TinyVae | None = None) -> None:
+    parts = family_parts(family)
+    for part in parts:
         (folder / part).mkdir(parents=True, exist_ok=True)
     for part in TINY_VAE_PARTS if tiny is not None else ():
         tiny.vae.save_config(folder / part)
-    pipe.tokenizer.save_pretrained(folder / TOKENIZER_DIR)
+    for attribute, directory in (("tokenizer", TOKENIZER_DIR), ("tokenizer_2", TOKENIZER_2_DIR)):
+        if getattr(pipe, attribute, None) is not None:
+            getattr(pipe, attribute).save_pretrained(folder / directory)
     pipe.scheduler.save_pretrained(folder / SCHEDULER_CONFIG.parent)
-    pipe.text_encoder.config.to_json_file(folder / "text_encoder" / CONFIG_NAME)
+    for encoder in (part for part in parts if part.startswith("text_encoder")):
+        getattr(pipe, encoder).config.to_json_file(folder / encoder / CONFIG_NAME)
     pipe.unet.save_config(folder / "unet")
     pipe.vae.save_config(folder / "vae_encoder")
     pipe.vae.save_config(folder / "vae_decoder")
@@ -90,7 +108,8 @@ def _save_configs(pipe, folder: Path, loaded=None, tiny: TinyVae | None = None) 
         feature_extractor.save_pretrained(folder / "feature_extractor")
         (folder / SAFETY_CHECKER).mkdir(exist_ok=True)
         loaded.safety_checker.config.to_json_file(folder / SAFETY_CHECKER / CONFIG_NAME)
-    (folder / MODEL_INDEX).write_text(json.dumps(_model_index(pipe, feature_extractor), indent=2) + "\n")
+    index = _model_index(pipe, family, feature_extractor)
+    (folder / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _variant_dir(root: Path, part: str, precision: str, precisions: list[str]) -> Path:
@@ -173,6 +192,7 @@ class _Run:
     meter: PhaseMeter
     units: dict[tuple[str, str, str], float]
     pipe: object
+    family: str
     loaded: object
     formats: list[str]
     token_merging: float
@@ -267,11 +287,12 @@ class _Run:
         journal, meter, units, pipe = self.journal, self.meter, self.units, self.pipe
         root = journal.root
         # Configs first, while every module is still there to describe itself (modules are freed as parts finish).
-        _save_configs(pipe, root, self.loaded, self.tiny)
-        norm = final_layer_norm(pipe)
+        _save_configs(pipe, self.family, root, self.loaded, self.tiny)
+        # SD 1.x/2.x clip skip normalises an earlier layer with the final layer norm; SDXL uses layers unnormalised.
+        norm = final_layer_norm(pipe.text_encoder) if self.family not in SDXL_FAMILIES else None
         trace, check = trace_size(pipe), validation_size(pipe)
         # The PyTorch module each part exports from, released once its last part has its exports.
-        last_user = {"text_encoder": "unet", "unet": "unet", "vae": "vae_decoder"}
+        last_user = {"text_encoder": "unet", TEXT_ENCODER_2: "unet", "unet": "unet", "vae": "vae_decoder"}
         components, failures = {}, []
         for name, part in parts.items():
             base = self.export_base(name, part, (trace, check), _calibrates(name, part))
@@ -306,7 +327,7 @@ class _Run:
                             files = derive(
                                 fmt, part_precision, source_graph, target_dir, calibration, self.quiet, root / ".base"
                             )
-                    if name == "text_encoder":
+                    if name == "text_encoder" and norm is not None:
                         # Clip skip applies the final layer norm to an earlier layer at run time (see
                         # sdlite.conditioning); each variant folder gets its own copy so it stands alone.
                         norm_file = files[0].parent / FINAL_NORM_FILE
@@ -456,8 +477,9 @@ def convert(
     lora_records = fuse_loras(pipe, loras or [], allow_pickle=allow_pickle)
     tiny = load_tiny_vae(tiny_vae, pipe.vae.config.latent_channels) if tiny_vae else None
     factor = vae_scale_factor(pipe)
+    family = family_of(pipe.unet.config, getattr(pipe, "text_encoder", None) is not None)
     manifest = Manifest(
-        family=family_of(pipe.unet.config.cross_attention_dim),
+        family=family,
         name=loaded.name,
         prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
         vae_scaling_factor=float(pipe.vae.config.scaling_factor),
@@ -474,8 +496,9 @@ def convert(
         (fmt, precision) for precision in precisions for fmt in formats if not (fmt == "onnx" and precision == "w8a8")
     ]
     # Sizes only: a reference to a module here would keep it loaded after its part is done.
-    weights = {name: _weight_bytes(getattr(pipe, "vae" if name.startswith("vae") else name)) for name in PARTS}
-    parts = {name: _Part(part_spec(name, pipe), pipe, jobs, precisions, attention, weights[name]) for name in PARTS}
+    names = family_parts(family)
+    weights = {name: _weight_bytes(getattr(pipe, "vae" if name.startswith("vae") else name)) for name in names}
+    parts = {name: _Part(part_spec(name, pipe), pipe, jobs, precisions, attention, weights[name]) for name in names}
     if loaded.safety_checker is not None:
         # The safety checker only decides whether to black an image out: it is exported in fp32 only, in
         # each format, so that a reduced precision can never flip its decision near a threshold.
@@ -514,7 +537,7 @@ def convert(
     meter = PhaseMeter(sum(step.seconds for step in steps), quiet)
     units = {(step.part, step.variant, step.kind): step.seconds for step in steps}
     try:
-        run = _Run(journal, meter, units, pipe, loaded, formats, token_merging, validate, quiet, tiny)
+        run = _Run(journal, meter, units, pipe, family, loaded, formats, token_merging, validate, quiet, tiny)
         manifest.components = run.run_parts(parts)
     except BaseException as exc:
         meter.close()

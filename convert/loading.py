@@ -82,13 +82,19 @@ def _load_single_file(path: Path, allow_pickle: bool):
 
 
 def _check_supported(pipe, source: str) -> None:
-    missing = [
-        name for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if getattr(pipe, name, None) is None
+    """A Stable Diffusion pipeline: SD 1.x/2.x (one text encoder), SDXL base (two) or the SDXL refiner (only the
+    second); one line naming what is missing otherwise."""
+    missing = [name for name in ("unet", "vae", "scheduler") if getattr(pipe, name, None) is None]
+    encoders = [
+        (encoder, tokenizer)
+        for encoder, tokenizer in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
+        if getattr(pipe, encoder, None) is not None
     ]
+    if not encoders:
+        missing.append("text_encoder")
+    missing += [tokenizer for _, tokenizer in encoders if getattr(pipe, tokenizer, None) is None]
     if missing:
         raise InputError(f"{source}: not a Stable Diffusion pipeline (missing {', '.join(missing)})")
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        raise InputError(f"{source}: SDXL checkpoints are not supported yet; sdlite converts SD 1.x and 2.x")
 
 
 def quiet_diffusers() -> None:

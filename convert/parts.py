@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sdlite.layout import vae_factor
+from sdlite.layout import TEXT_ENCODER_2, vae_factor
 
 # Opset 17 has LayerNormalization as one op (fused by onnxruntime and OpenVINO); every runtime sdlite
 # targets (onnxruntime >= 1.14, OpenVINO >= 2023.0) supports it.
@@ -54,6 +54,19 @@ class _TextEncoder(torch.nn.Module):
         return out.last_hidden_state, out.pooler_output, *out.hidden_states
 
 
+class _TextEncoderWithProjection(torch.nn.Module):
+    """SDXL's second text encoder (``CLIPTextModelWithProjection``): the projected pooled embedding, the output and
+    every layer's hidden state, named and ordered as optimum exports it."""
+
+    def __init__(self, text_encoder: torch.nn.Module):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):
+        out = self.text_encoder(input_ids, output_hidden_states=True, return_dict=True)
+        return out.text_embeds, out.last_hidden_state, *out.hidden_states
+
+
 class _UNet(torch.nn.Module):
     def __init__(self, unet: torch.nn.Module):
         super().__init__()
@@ -62,6 +75,18 @@ class _UNet(torch.nn.Module):
     def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None):
         # timestep_cond: a latent consistency U-Net's guidance-scale embedding (only its export has the input).
         return self.unet(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond, return_dict=False)[0]
+
+
+class _SdxlUNet(torch.nn.Module):
+    """An SDXL U-Net with its added conditioning (pooled text embedding, time ids) as plain inputs."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
 
 
 class _VaeEncoder(torch.nn.Module):
@@ -136,24 +161,60 @@ def vae_scale_factor(pipe) -> int:
     return vae_factor(pipe.vae.config.block_out_channels)
 
 
-def _token_ids(pipe, size: ExportSize) -> dict[str, torch.Tensor]:
+def _tokenizer(pipe):
+    """The pipeline's (first) tokenizer: an SDXL refiner has only the second."""
+    return getattr(pipe, "tokenizer", None) or pipe.tokenizer_2
+
+
+def _ids(tokenizer, vocab_size: int, size: ExportSize) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(size.height)
-    length = pipe.tokenizer.model_max_length
-    ids = torch.randint(0, pipe.text_encoder.config.vocab_size - 2, (size.batch, length), generator=gen)
-    ids[:, 0] = pipe.tokenizer.bos_token_id
-    ids[:, length // 2] = pipe.tokenizer.eos_token_id
+    length = tokenizer.model_max_length
+    ids = torch.randint(0, vocab_size - 2, (size.batch, length), generator=gen)
+    ids[:, 0] = tokenizer.bos_token_id
+    ids[:, length // 2] = tokenizer.eos_token_id
     return {"input_ids": ids}
+
+
+def _token_ids(pipe, size: ExportSize) -> dict[str, torch.Tensor]:
+    return _ids(pipe.tokenizer, pipe.text_encoder.config.vocab_size, size)
+
+
+def _token_ids_2(pipe, size: ExportSize) -> dict[str, torch.Tensor]:
+    return _ids(pipe.tokenizer_2, pipe.text_encoder_2.config.vocab_size, size)
 
 
 def _unet_inputs(pipe, size: ExportSize) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(size.height)
     factor = vae_scale_factor(pipe)
     channels = pipe.unet.config.in_channels
-    hidden = pipe.text_encoder.config.hidden_size
+    hidden = pipe.unet.config.cross_attention_dim
+    length = _tokenizer(pipe).model_max_length
     return {
         "sample": torch.randn(size.batch, channels, size.height // factor, size.width // factor, generator=gen),
         "timestep": torch.tensor(981.0),
-        "encoder_hidden_states": torch.randn(size.batch, pipe.tokenizer.model_max_length, hidden, generator=gen),
+        "encoder_hidden_states": torch.randn(size.batch, length, hidden, generator=gen),
+    }
+
+
+def sdxl_time_id_count(unet_config, pooled_width: int) -> int:
+    """Time ids an SDXL U-Net takes: its added embedding reads the pooled text embedding (``pooled_width``) and
+    ``addition_time_embed_dim`` numbers per id: 6 for the base model (original size, crop top-left, target size),
+    5 for the refiner (original size, crop top-left, aesthetic score)."""
+    return (unet_config.projection_class_embeddings_input_dim - pooled_width) // unet_config.addition_time_embed_dim
+
+
+def _sdxl_unet_inputs(pipe, size: ExportSize) -> dict[str, torch.Tensor]:
+    inputs = _unet_inputs(pipe, size)
+    gen = torch.Generator().manual_seed(size.height + 2)
+    pooled = pipe.text_encoder_2.config.projection_dim
+    count = sdxl_time_id_count(pipe.unet.config, pooled)
+    # Sizes in pixels and crop offsets (the refiner's fifth: an aesthetic score): realistic magnitudes.
+    h, w = float(size.height), float(size.width)
+    time_ids = [h, w, 0.0, 0.0, h, w] if count == 6 else [h, w, 0.0, 0.0, 6.0][:count]
+    return {
+        **inputs,
+        "text_embeds": torch.randn(size.batch, pooled, generator=gen),
+        "time_ids": torch.tensor(time_ids).repeat(size.batch, 1),
     }
 
 
@@ -201,6 +262,15 @@ PARTS: dict[str, PartSpec] = {
         rtol=1e-3,
         wrap=lambda pipe: _TextEncoder(pipe.text_encoder),
         dummy_inputs=_token_ids,
+    ),
+    TEXT_ENCODER_2: PartSpec(
+        name=TEXT_ENCODER_2,
+        inputs={"input_ids": {0: "batch_size", 1: "sequence_length"}},
+        outputs={"text_embeds": {0: "batch_size"}, "last_hidden_state": {0: "batch_size", 1: "sequence_length"}},
+        atol=1e-4,
+        rtol=1e-3,
+        wrap=lambda pipe: _TextEncoderWithProjection(pipe.text_encoder_2),
+        dummy_inputs=_token_ids_2,
     ),
     "unet": PartSpec(
         name="unet",
@@ -259,25 +329,34 @@ PARTS["taesd_decoder"] = dataclasses.replace(
 
 
 def part_spec(name: str, pipe) -> PartSpec:
-    """``PARTS[name]`` completed for ``pipe``: the text encoder's outputs gain ``hidden_states.0`` (the
-    embeddings) to ``hidden_states.N`` (the last layer, before the final layer norm), N = its layer count; a
-    latent consistency U-Net gains its ``timestep_cond`` input (the guidance-scale embedding)."""
+    """``PARTS[name]`` completed for ``pipe``: a text encoder's outputs gain ``hidden_states.0`` (the embeddings)
+    to ``hidden_states.N`` (the last layer, before the final layer norm), N = its layer count; a latent
+    consistency U-Net gains its ``timestep_cond`` input (the guidance-scale embedding), an SDXL U-Net its
+    ``text_embeds`` and ``time_ids``."""
     spec = PARTS[name]
+    if name == "unet" and getattr(pipe.unet.config, "addition_embed_type", None) == "text_time":
+        added = {"text_embeds": {0: "batch_size"}, "time_ids": {0: "batch_size"}}
+        return dataclasses.replace(
+            spec,
+            inputs={**spec.inputs, **added},
+            wrap=lambda pipe: _SdxlUNet(pipe.unet),
+            dummy_inputs=_sdxl_unet_inputs,
+        )
     if name == "unet" and guidance_embedding_width(pipe.unet):
         return dataclasses.replace(
             spec, inputs={**spec.inputs, "timestep_cond": {0: "batch_size"}}, dummy_inputs=_lcm_unet_inputs
         )
-    if name != "text_encoder":
+    if name not in ("text_encoder", TEXT_ENCODER_2):
         return spec
-    layers = pipe.text_encoder.config.num_hidden_layers
+    layers = getattr(pipe, name).config.num_hidden_layers
     hidden = {f"hidden_states.{i}": {0: "batch_size", 1: "sequence_length"} for i in range(layers + 1)}
     return dataclasses.replace(spec, outputs={**spec.outputs, **hidden})
 
 
-def final_layer_norm(pipe) -> dict[str, np.ndarray]:
-    """The text encoder's final LayerNorm (weight, bias, eps), which clip skip applies to an earlier layer's
+def final_layer_norm(text_encoder) -> dict[str, np.ndarray]:
+    """A text encoder's final LayerNorm (weight, bias, eps), which clip skip applies to an earlier layer's
     hidden state; the runtime reads it from ``sdlite.layout.FINAL_NORM_FILE`` next to the text encoder's graph."""
-    norm = pipe.text_encoder.text_model.final_layer_norm
+    norm = text_encoder.text_model.final_layer_norm
     # Copies: a view would keep the whole memory-mapped checkpoint file resident for the rest of the conversion.
     return {
         "weight": norm.weight.detach().float().numpy().copy(),
@@ -289,12 +368,13 @@ def final_layer_norm(pipe) -> dict[str, np.ndarray]:
 def trace_size(pipe) -> ExportSize:
     """The size parts are traced at.
 
-    The latent side is deliberately *not* a multiple of the U-Net's total downsampling (8): diffusers'
-    U-Net then passes each skip connection's size to its upsamplers, and the trace records that as a
-    dynamic size, so the exported graph accepts every multiple of 8 pixels, not only multiples of 64.
+    The latent width is deliberately odd, so *not* a multiple of the U-Net's total downsampling (2 per level
+    below the first): diffusers' U-Net then passes each skip connection's size to its upsamplers, and the trace
+    records that as a dynamic size, so the exported graph accepts every multiple of 8 pixels, not only multiples
+    of the downsampling.
     """
     factor = vae_scale_factor(pipe)
-    return ExportSize(batch=1, height=12 * factor, width=10 * factor)
+    return ExportSize(batch=1, height=12 * factor, width=9 * factor)
 
 
 def validation_size(pipe) -> ExportSize:

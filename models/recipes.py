@@ -14,6 +14,9 @@ and memory figures.
 ``tiny-sdxl``: the SDXL base layout (two CLIP text encoders, the second with a projection; a U-Net with
 linear attention projections, transformer depth per level, no attention at the first level, and the "text_time"
 added conditioning on the pooled text embedding and six size/crop numbers) at toy width.
+``tiny-sdxl-refiner``: the SDXL refiner's layout (only the second text encoder; five time ids, the last an
+aesthetic score), a diffusers ``StableDiffusionXLImg2ImgPipeline``. ``tiny-sdxl-inpaint``: ``tiny-sdxl`` with a
+9-channel inpainting U-Net (``StableDiffusionXLInpaintPipeline``).
 ``tiny-taesd``: a tiny autoencoder (diffusers' AutoencoderTiny) with TAESD's own architecture, which is small
 already, and random weights: convert it beside a model with ``sdlite convert --tiny-vae``.
 """
@@ -106,6 +109,8 @@ class Widths:
     text2_layers: int = 0
     text2_heads: int = 0
     time_embed_dim: int = 0
+    # The SDXL refiner's layout: no first text encoder, the aesthetic score in place of the target size.
+    sdxl_refiner: bool = False
 
 
 _TINY = Widths(
@@ -142,6 +147,8 @@ RECIPES: dict[str, Widths] = {
     "tiny-lcm": dataclasses.replace(_TINY, time_cond_proj_dim=32),
     "tiny-sd2-v": dataclasses.replace(_TINY, sd2=True),
     "tiny-sdxl": _TINY_SDXL,
+    "tiny-sdxl-refiner": dataclasses.replace(_TINY_SDXL, sdxl_refiner=True),
+    "tiny-sdxl-inpaint": dataclasses.replace(_TINY_SDXL, unet_in_channels=9),
     "sd15-random": Widths(
         unet_channels=(320, 640, 1280, 1280),
         unet_layers=2,
@@ -311,17 +318,26 @@ def _clip_text_config(hidden: int, ffn: int, layers: int, heads: int, open_clip:
 
 
 def build_sdxl_pipeline(widths: Widths, seed: int = 0):
-    """A ``diffusers.StableDiffusionXLPipeline`` of SDXL base's layout at the given widths.
+    """A diffusers SDXL pipeline of SDXL base's (or refiner's) layout at the given widths.
 
     As in SDXL base: text encoder 1 is OpenAI CLIP (quick GELU, padding with the end token), text encoder 2 is
     OpenCLIP with a text projection (GELU, padding with "!"); the U-Net's cross-attention width is the two
     encoders' widths together, its added embedding takes the projected pooled text embedding and six time ids;
-    head width 64 in the real model (``unet_head_dim`` here); the VAE scales latents by 0.13025."""
+    head width 64 in the real model (``unet_head_dim`` here); the VAE scales latents by 0.13025. The refiner has
+    only the second encoder and five time ids (the last an aesthetic score), and conditions an empty negative
+    prompt like any other; a 9-channel U-Net makes an inpainting pipeline."""
     import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        EulerDiscreteScheduler,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLInpaintPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
+    refiner = widths.sdxl_refiner
     attends = [layers > 0 for layers in widths.sdxl_transformer_layers]
     unet = UNet2DConditionModel(
         sample_size=widths.sample_size,
@@ -334,29 +350,38 @@ def build_sdxl_pipeline(widths: Widths, seed: int = 0):
         transformer_layers_per_block=tuple(max(layers, 1) for layers in widths.sdxl_transformer_layers),
         use_linear_projection=True,
         norm_num_groups=widths.unet_groups,
-        cross_attention_dim=widths.text_hidden + widths.text2_hidden,
+        cross_attention_dim=widths.text2_hidden + (0 if refiner else widths.text_hidden),
         addition_embed_type="text_time",
         addition_time_embed_dim=widths.time_embed_dim,
-        projection_class_embeddings_input_dim=widths.text2_hidden + 6 * widths.time_embed_dim,
+        projection_class_embeddings_input_dim=widths.text2_hidden + (5 if refiner else 6) * widths.time_embed_dim,
     )
     vae = _vae(widths, SDXL_VAE_SCALING)
-    text_encoder = CLIPTextModel(
-        _clip_text_config(widths.text_hidden, widths.text_ffn, widths.text_layers, widths.text_heads, False)
+    text_encoder = (
+        None
+        if refiner
+        else CLIPTextModel(
+            _clip_text_config(widths.text_hidden, widths.text_ffn, widths.text_layers, widths.text_heads, False)
+        )
     )
     text_encoder_2 = CLIPTextModelWithProjection(
         _clip_text_config(widths.text2_hidden, widths.text2_ffn, widths.text2_layers, widths.text2_heads, True)
     )
-    return StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=_clip_tokenizer(),
-        tokenizer_2=_clip_tokenizer("!"),
-        unet=unet,
-        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
-        force_zeros_for_empty_prompt=True,
-        add_watermarker=False,
-    )
+    parts = {
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer": None if refiner else _clip_tokenizer(),
+        "tokenizer_2": _clip_tokenizer("!"),
+        "unet": unet,
+        "scheduler": EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
+        "add_watermarker": False,
+    }
+    if refiner:
+        return StableDiffusionXLImg2ImgPipeline(
+            **parts, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False
+        )
+    kind = StableDiffusionXLInpaintPipeline if widths.unet_in_channels == 9 else StableDiffusionXLPipeline
+    return kind(**parts, force_zeros_for_empty_prompt=True)
 
 
 def build_tiny_vae(seed: int = 0):

@@ -65,6 +65,7 @@ def _load_options(args: argparse.Namespace) -> dict:
         embeddings=args.embeddings,
         vae=args.vae,
         lora_dir=args.lora_dir,
+        refiner=getattr(args, "refiner", None),
     )
 
 
@@ -135,6 +136,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         cfg_rescale=args.cfg_rescale,
         progress=not args.quiet,
     )
+    if args.refiner_switch is not None:
+        common["refiner_switch"] = args.refiner_switch
     if args.preview_every:
         common["callback"] = _preview_writer(pipe, outputs[0], args.preview_every, args.quiet)
     images = _mode_call(args, pipe, common)
@@ -341,6 +344,13 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--size", type=parse_size, help="WIDTHxHEIGHT, multiples of 8 (default: the model's)")
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--refiner", metavar="FOLDER", help="converted SDXL refiner that finishes the denoising")
+    parser.add_argument(
+        "--refiner-switch",
+        type=float,
+        metavar="F",
+        help="fraction of the denoising after which the refiner takes over (default 0.8, as A1111's)",
+    )
     _add_engine_arguments(parser)
     parser.add_argument("--vae-tiling", default="auto", choices=TILING_MODES, help="decode big images in tiles")
     parser.add_argument(
@@ -528,6 +538,7 @@ _FLAGS = {
     "clip_skip": "--clip-skip",
     "strength": "--strength",
     "memory_budget": "--memory-budget",
+    "refiner_switch": "--refiner-switch",
 }
 
 

@@ -10,10 +10,15 @@ token table (``sdlite.embeddings``), so its vectors go through the same encoder,
 
 Clip skip N (A1111's "Clip skip", ``CLIP_stop_at_last_layers``): N = 1 is the text encoder's output; N > 1
 takes the hidden state N - 1 layers before the last and passes it through the encoder's final LayerNorm,
-as A1111 does. The exported graph gives every layer's hidden state (outputs ``hidden_states.0`` ..
-``hidden_states.L``, optimum's names), but the final LayerNorm is applied inside the graph only to the
-last layer; its weights sit next to the graph in ``FINAL_NORM_FILE`` and numpy applies it. A separate
-graph, or one normed output per layer, would cost an export for a 2 x width affine map.
+as A1111 does. SDXL conditions on the penultimate layer as it is, without the final LayerNorm (Podell et al.
+2023, sec. 2.1): there clip skip N takes the hidden state N layers before the last (diffusers' ``clip_skip``
+N - 1), so the default of 1 is the penultimate layer. SDXL's pooled embedding (the second encoder's
+``text_embeds``) is each prompt's first chunk's, as A1111 takes it.
+
+The exported graph gives every layer's hidden state (outputs ``hidden_states.0`` .. ``hidden_states.L``,
+optimum's names), but the final LayerNorm is applied inside the graph only to the last layer; its weights sit
+next to the graph in ``FINAL_NORM_FILE`` and numpy applies it. A separate graph, or one normed output per layer,
+would cost an export for a 2 x width affine map.
 """
 
 from __future__ import annotations
@@ -58,10 +63,18 @@ def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) 
 class TextConditioner:
     """Builds chunks with ``tokenizer`` and turns the outputs of the text encoder at ``graph`` into context."""
 
-    def __init__(self, tokenizer: CLIPTokenizer, graph: Path, embeddings: EmbeddingLibrary | None = None):
+    def __init__(
+        self,
+        tokenizer: CLIPTokenizer,
+        graph: Path,
+        embeddings: EmbeddingLibrary | None = None,
+        penultimate: bool = False,
+    ):
         self.tokenizer = tokenizer
         self.graph = graph
         self.embeddings = embeddings
+        # SDXL's layer choice: hidden states counted from the penultimate, never normalised.
+        self.penultimate = penultimate
         comma = tokenizer.tokenize(",")
         self._comma = comma[0] if len(comma) == 1 else None
         self._norm: dict[str, np.ndarray] | None = None
@@ -114,19 +127,36 @@ class TextConditioner:
     ) -> np.ndarray:
         """Context for each prompt, (len(prompts), 77 * chunks, width); ``run`` runs the text encoder on
         input ids (batch, 77) and returns its outputs by name."""
+        return self.encode_pooled(prompts, run, clip_skip)[0]
+
+    def encode_pooled(
+        self,
+        prompts: list[str],
+        run: Callable[[np.ndarray], dict[str, np.ndarray]],
+        clip_skip: int = 1,
+        pooled_output: str | None = None,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`encode`'s context, and the encoder's output ``pooled_output`` for each prompt's first chunk
+        (len(prompts), width) when named (None otherwise)."""
         check_clip_skip(clip_skip)
         per_prompt = [self.chunks(prompt) for prompt in prompts]
         count = max(len(chunks) for chunks in per_prompt)
         empty = self.chunks("")[0]
         rows = [chunk for chunks in per_prompt for chunk in chunks + [empty] * (count - len(chunks))]
         ids = np.array([chunk.ids for chunk in rows], dtype=np.int64)
-        hidden = self._layer(run(ids), clip_skip)  # (prompts * chunks, 77, width)
+        outputs = run(ids)
+        hidden = self._layer(outputs, clip_skip)  # (prompts * chunks, 77, width)
         hidden = np.stack([apply_emphasis(h, chunk.weights) for h, chunk in zip(hidden, rows, strict=True)])
-        return hidden.reshape(len(prompts), count * ids.shape[1], hidden.shape[-1]).astype(np.float32)
+        context = hidden.reshape(len(prompts), count * ids.shape[1], hidden.shape[-1]).astype(np.float32)
+        pooled = None
+        if pooled_output is not None:
+            pooled = np.asarray(outputs[pooled_output], dtype=np.float32)[::count].copy()
+        return context, pooled
 
     def _layer(self, outputs: dict[str, np.ndarray], clip_skip: int) -> np.ndarray:
-        """The hidden state clip skip selects: the output for 1, else layer -clip_skip after the final norm."""
-        if clip_skip == 1:
+        """The hidden state clip skip selects: the output for 1, else layer -clip_skip after the final norm
+        (SDXL: layer -(clip_skip + 1) as it is)."""
+        if clip_skip == 1 and not self.penultimate:
             return outputs["last_hidden_state"].astype(np.float32)
         indices = [int(name[len(_HIDDEN_PREFIX) :]) for name in outputs if name.startswith(_HIDDEN_PREFIX)]
         if not indices:
@@ -137,6 +167,9 @@ class TextConditioner:
         layers = max(indices)  # hidden_states.0 is the embeddings, hidden_states.L the last layer
         if clip_skip > layers:
             raise InputError(f"clip skip {clip_skip}: the text encoder has {layers} layers; use 1 to {layers}")
+        if self.penultimate:
+            # transformers' hidden_states[-(clip_skip + 1)] of L + 1 states.
+            return outputs[f"{_HIDDEN_PREFIX}{layers - clip_skip}"].astype(np.float32)
         # transformers' hidden_states[-clip_skip] of L + 1 states.
         hidden = outputs[f"{_HIDDEN_PREFIX}{layers + 1 - clip_skip}"]
         norm = self._final_norm()

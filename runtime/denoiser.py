@@ -139,9 +139,11 @@ def denoise(
     after_step: Callable[[int, np.ndarray], np.ndarray] | None = None,
     callback: StepCallback | None = None,
     progress: bool = True,
+    handoff: tuple[int, Callable[[], Denoiser]] | None = None,
 ) -> np.ndarray:
     """Run ``scheduler`` from entry ``start`` of its schedule (see :func:`schedule_start`) to the end, from
-    ``latents``; returns the final latents.
+    ``latents``; returns the final latents. ``handoff`` = (entry, make): from schedule entry ``entry`` on, the
+    denoiser ``make()`` returns takes over (a refiner), the sampler's state carried on as A1111 carries it.
 
     ``draw_noise`` gives the fresh noise a stochastic sampler adds at each evaluation; ``after_step(entry,
     latents)`` may change the latents after the evaluation at schedule entry ``entry`` (inpainting with a regular
@@ -151,6 +153,8 @@ def denoise(
     total = len(timesteps)
     sigmas = training_sigmas(scheduler) if callback is not None else None
     for i, t in enumerate(tqdm(timesteps, desc="denoise", unit="step", disable=not progress)):
+        if handoff is not None and start + i == handoff[0]:
+            denoiser = handoff[1]()
         output, scaled = denoiser(scheduler, latents, t)
         step_noise = draw_noise() if scheduler.stochastic else None
         latents = scheduler.step(output, t, latents, noise=step_noise).astype(np.float32, copy=False)
@@ -164,3 +168,14 @@ def denoise(
             if callback(i, total, latents, denoised):
                 return denoised.astype(np.float32, copy=False)
     return latents
+
+
+def handoff_entry(timesteps: np.ndarray, start: int, switch: float, train_steps: int = 1000) -> int | None:
+    """The first schedule entry from ``start`` whose timestep has ``switch`` (0..1] of the noise removed, where a
+    refiner takes over: A1111's "Refiner switch at" measured on the timestep, (last - t) / train_steps >= switch, which
+    is diffusers' ``denoising_end`` cut (t < train_steps (1 - switch)) for integer timesteps. None: never."""
+    last = train_steps - 1
+    for entry in range(start, len(timesteps)):
+        if (last - round(float(timesteps[entry]))) / train_steps >= switch:
+            return entry
+    return None

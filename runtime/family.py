@@ -3,18 +3,24 @@
 A family knows its text encoders and the graph inputs its U-Net takes beside the sample and the timestep;
 nothing outside it knows CLIP's layout. Stable Diffusion 1.x and 2.x share one family: one CLIP text encoder
 whose (clip-skipped, emphasis-weighted) hidden states are the U-Net's ``encoder_hidden_states``; a latent
-consistency (LCM) U-Net also takes the CFG scale, embedded, as ``timestep_cond``.
+consistency (LCM) U-Net also takes the CFG scale, embedded, as ``timestep_cond``. SDXL (Podell et al. 2023)
+concatenates the penultimate hidden states of two text encoders (CLIP ViT-L, OpenCLIP ViT-bigG; its refiner has
+only the second), and adds the second's pooled embedding (``text_embeds``) and the "micro-conditioning" time ids
+(original size, crop top-left, target size; the refiner: original size, crop, aesthetic score).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from sdlite.conditioning import TextConditioner
+from sdlite.embeddings import EmbeddingLibrary
 from sdlite.engines import Engine
 from sdlite.errors import check_finite
+from sdlite.layout import SDXL_FAMILIES, TEXT_ENCODER_2, text_encoders
+from sdlite.model_folder import ModelFolder
 from sdlite.request import GenerationRequest
 
 
@@ -76,3 +82,124 @@ class StableDiffusionFamily:
     def embeddings_used(self, request: GenerationRequest) -> dict:
         """The textual-inversion embeddings the request's prompts name (for the infotext)."""
         return self.conditioner.embeddings_used([request.prompt, request.negative_prompt])
+
+
+# The refiner's aesthetic-score conditioning (diffusers' StableDiffusionXLImg2ImgPipeline defaults; A1111 uses the
+# same): the score the prompt asks for, and the one the negative conditioning gets.
+AESTHETIC_SCORE = 6.0
+NEGATIVE_AESTHETIC_SCORE = 2.5
+
+
+def sdxl_time_ids(width: int, height: int, count: int, aesthetic_score: float = AESTHETIC_SCORE) -> np.ndarray:
+    """SDXL's micro-conditioning for an image of ``width`` x ``height`` (Podell et al. 2023, sec. 2.2), (1, count):
+    original size and target size (height, width) both the image's, crop top-left (0, 0), as diffusers and A1111
+    set them by default; the refiner's ``count`` = 5 has the aesthetic score in place of the target size."""
+    ids = [height, width, 0, 0, height, width] if count == 6 else [height, width, 0, 0, aesthetic_score]
+    return np.asarray([ids[:count]], dtype=np.float32)
+
+
+class SdxlFamily:
+    """SDXL base (two text encoders) and refiner (the second only).
+
+    ``encoders`` pairs each text-encoder part with its conditioner, in concatenation order; the last one's
+    ``text_embeds`` is the pooled embedding. ``time_ids`` is the count of time ids the U-Net takes (6, or 5 for
+    the refiner). ``zero_negative``: an empty negative prompt conditions with zeros (the model's
+    ``force_zeros_for_empty_prompt``, which A1111 applies too)."""
+
+    embeds_guidance = False
+
+    def __init__(
+        self,
+        encoders: Sequence[tuple[str, TextConditioner]],
+        part: Callable[[str], Engine],
+        done: Callable[[str], None],
+        time_ids: int,
+        zero_negative: bool,
+    ):
+        self.encoders = list(encoders)
+        self._part = part
+        self._done = done
+        self.time_ids = time_ids
+        self.zero_negative = zero_negative
+
+    @property
+    def conditioner(self) -> TextConditioner:
+        """The first encoder's conditioner (chunks, tokenizer, embeddings)."""
+        return self.encoders[0][1]
+
+    def encode_pooled(self, prompts: list[str], clip_skip: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Prompts -> (context (len(prompts), 77 * chunks, total width), pooled (len(prompts), pooled width))."""
+        contexts, pooled = [], None
+        for index, (name, conditioner) in enumerate(self.encoders):
+            encoder = self._part(name)
+            last = index == len(self.encoders) - 1
+            try:
+                context, pooled_here = conditioner.encode_pooled(
+                    prompts,
+                    lambda ids, e=encoder: e.run({"input_ids": ids}),
+                    clip_skip,
+                    "text_embeds" if last else None,
+                )
+            finally:
+                self._done(name)
+            contexts.append(context)
+            pooled = pooled_here if last else pooled
+        return np.concatenate(contexts, axis=-1), pooled
+
+    def encode(self, prompts: list[str], clip_skip: int = 1) -> np.ndarray:
+        """Prompts -> the U-Net's context, both encoders' hidden states concatenated."""
+        return self.encode_pooled(prompts, clip_skip)[0]
+
+    def conditioning(self, request: GenerationRequest) -> dict[str, np.ndarray]:
+        """The U-Net inputs for ``request``: context, pooled text embedding and time ids, batched [negative x
+        batch, prompt x batch] when guided (diffusers' StableDiffusionXLPipeline and A1111 build the same)."""
+        zero_negative = request.guided and self.zero_negative and request.negative_prompt == ""
+        prompts = [request.prompt] if not request.guided or zero_negative else [request.negative_prompt, request.prompt]
+        context, pooled = self.encode_pooled(prompts, request.clip_skip)
+        check_finite(context, "the text encoder")
+        if zero_negative:
+            context = np.concatenate([np.zeros_like(context), context])
+            pooled = np.concatenate([np.zeros_like(pooled), pooled])
+        time_ids = sdxl_time_ids(request.width, request.height, self.time_ids)
+        if request.guided:
+            negative = sdxl_time_ids(request.width, request.height, self.time_ids, NEGATIVE_AESTHETIC_SCORE)
+            time_ids = np.concatenate([negative, time_ids])
+        return {
+            "encoder_hidden_states": np.repeat(context, request.batch, axis=0),
+            "text_embeds": np.repeat(pooled, request.batch, axis=0),
+            "time_ids": np.repeat(time_ids, request.batch, axis=0),
+        }
+
+    def embeddings_used(self, request: GenerationRequest) -> dict:
+        """The textual-inversion embeddings the request's prompts name (for the infotext)."""
+        return self.conditioner.embeddings_used([request.prompt, request.negative_prompt])
+
+
+Family = StableDiffusionFamily | SdxlFamily
+
+
+def text_conditioners(
+    folder: ModelFolder, graph: Callable[[str], object], embeddings: EmbeddingLibrary | None
+) -> list[tuple[str, TextConditioner]]:
+    """Each text encoder of the folder's family with the conditioner that feeds it, in concatenation order."""
+    sdxl = folder.family in SDXL_FAMILIES
+    return [
+        (name, TextConditioner(folder.tokenizer(name), graph(name), embeddings, penultimate=sdxl))
+        for name in text_encoders(folder.family)
+    ]
+
+
+def make_family(
+    folder: ModelFolder,
+    conditioners: list[tuple[str, TextConditioner]],
+    part: Callable[[str], Engine],
+    done: Callable[[str], None],
+) -> Family:
+    """The family object for ``folder``'s model, running its text encoders through ``part``/``done``."""
+    unet = folder.part_config("unet")
+    if folder.family not in SDXL_FAMILIES:
+        return StableDiffusionFamily(conditioners[0][1], part, done, unet.get("time_cond_proj_dim"))
+    pooled = folder.part_config(TEXT_ENCODER_2).get("projection_dim")
+    total, per_id = unet.get("projection_class_embeddings_input_dim"), unet.get("addition_time_embed_dim")
+    time_ids = (total - pooled) // per_id if all(isinstance(v, int) for v in (pooled, total, per_id)) else 6
+    return SdxlFamily(conditioners, part, done, time_ids, folder.force_zeros_for_empty_prompt)

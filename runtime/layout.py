@@ -18,11 +18,19 @@ MANIFEST_NAME = "sdlite.json"
 MODEL_INDEX = "model_index.json"
 CONFIG_NAME = "config.json"
 TOKENIZER_DIR = "tokenizer"
+# SDXL's second tokenizer (OpenCLIP's: the same vocabulary, padding with "!") and text encoder.
+TOKENIZER_2_DIR = "tokenizer_2"
+TEXT_ENCODER_2 = "text_encoder_2"
 SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
 
-# The graphs converted from every checkpoint, and the ones a generation cannot do without.
+# The graphs converted from every checkpoint, and the ones a generation cannot do without. An SDXL base checkpoint
+# adds a second text encoder; an SDXL refiner has only the second.
 PARTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 REQUIRED_PARTS = ("text_encoder", "unet", "vae_decoder")
+FAMILY_PARTS = {
+    "sdxl": ("text_encoder", TEXT_ENCODER_2, "unet", "vae_encoder", "vae_decoder"),
+    "sdxl-refiner": (TEXT_ENCODER_2, "unet", "vae_encoder", "vae_decoder"),
+}
 # Converted when the checkpoint has one (diffusers' ONNX script and sdlite write the same inputs).
 SAFETY_CHECKER = "safety_checker"
 # A tiny autoencoder (TAESD, diffusers' AutoencoderTiny) converted beside the model's own VAE when asked for: it
@@ -43,6 +51,7 @@ FINAL_NORM_FILE = "final_layer_norm.npz"
 # and reads them): a graph of another part in a part's folder is recognised by these.
 PART_INPUTS = {
     "text_encoder": ("input_ids",),
+    TEXT_ENCODER_2: ("input_ids",),
     "unet": ("sample", "timestep", "encoder_hidden_states"),
     "vae_encoder": ("sample",),
     "vae_decoder": ("latent_sample",),
@@ -50,10 +59,13 @@ PART_INPUTS = {
     TINY_VAE_ENCODER: ("sample",),
     TINY_VAE_DECODER: ("latent_sample",),
 }
-# Inputs a part's graph takes only for some models: a latent consistency (LCM) U-Net's guidance-scale embedding.
-OPTIONAL_INPUTS = {"unet": ("timestep_cond",)}
+# Inputs a part's graph takes only for some models: a latent consistency (LCM) U-Net's guidance-scale embedding,
+# an SDXL U-Net's pooled text embedding and size/crop "time ids" (Podell et al. 2023, sec. 2.2).
+OPTIONAL_INPUTS = {"unet": ("timestep_cond", "text_embeds", "time_ids")}
 PART_OUTPUTS = {
     "text_encoder": ("last_hidden_state",),
+    # CLIPTextModelWithProjection: the projected pooled embedding first, as optimum exports it.
+    TEXT_ENCODER_2: ("text_embeds", "last_hidden_state"),
     "unet": ("out_sample",),
     "vae_encoder": ("latent_parameters",),
     "vae_decoder": ("sample",),
@@ -86,11 +98,26 @@ LATENT_CHANNELS = 4
 # Text-encoder (= U-Net cross-attention) width -> family: SD 2.x conditions on OpenCLIP ViT-H (1024 wide), SD 1.x
 # on CLIP ViT-L (768), and sdlite's toy models, narrower, follow SD 1.x's layout.
 _SD2_WIDTH = 1024
+FAMILIES = ("sd15", "sd2", "sdxl", "sdxl-refiner")
+SDXL_FAMILIES = ("sdxl", "sdxl-refiner")
 
 
-def family_of(cross_attention_dim: int | None) -> str:
-    """The family (``sd15`` or ``sd2``) of a U-Net with this cross-attention width."""
-    return "sd2" if cross_attention_dim == _SD2_WIDTH else "sd15"
+def family_of(unet_config: dict, has_text_encoder: bool = True) -> str:
+    """The family of a model from its U-Net's config: SDXL's U-Net conditions on pooled text and time ids
+    ("text_time"); its refiner has no first text encoder. Otherwise SD 2.x or 1.x by cross-attention width."""
+    if unet_config.get("addition_embed_type") == "text_time":
+        return "sdxl" if has_text_encoder else "sdxl-refiner"
+    return "sd2" if unet_config.get("cross_attention_dim") == _SD2_WIDTH else "sd15"
+
+
+def family_parts(family: str) -> tuple[str, ...]:
+    """The graphs a model of ``family`` is converted to (without the optional safety checker and tiny VAE)."""
+    return FAMILY_PARTS.get(family, PARTS)
+
+
+def text_encoders(family: str) -> tuple[str, ...]:
+    """The text-encoder parts of ``family``, in the order their hidden states are concatenated."""
+    return tuple(part for part in family_parts(family) if part.startswith("text_encoder"))
 
 
 def vae_factor(block_out_channels: Sequence[int]) -> int:

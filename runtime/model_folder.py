@@ -18,6 +18,9 @@ from sdlite.layout import (
     PARTS,
     SAFETY_CHECKER,
     SCHEDULER_CONFIG,
+    SDXL_FAMILIES,
+    TEXT_ENCODER_2,
+    TOKENIZER_2_DIR,
     TOKENIZER_DIR,
     family_of,
     vae_factor,
@@ -91,7 +94,7 @@ def _infer_manifest(folder: Path) -> Manifest:
     """Describe a folder without ``sdlite.json`` (e.g. from ``optimum-cli export``) from its files."""
     components: dict[str, list[Variant]] = {}
     # safety_checker/model.onnx: diffusers' ONNX conversion script writes one (same inputs as sdlite's).
-    for component in (*PARTS, SAFETY_CHECKER):
+    for component in (*PARTS, TEXT_ENCODER_2, SAFETY_CHECKER):
         for fmt, graph in GRAPH_FILES.items():
             if (folder / component / graph).is_file():
                 components.setdefault(component, []).append(
@@ -102,7 +105,7 @@ def _infer_manifest(folder: Path) -> Manifest:
     side = int(unet.get("sample_size", 64)) * vae_factor(vae.get("block_out_channels", [0] * 4))
     scheduler = _read_json(folder / SCHEDULER_CONFIG)
     return Manifest(
-        family=family_of(unet.get("cross_attention_dim")),
+        family=family_of(unet, has_text_encoder="text_encoder" in components),
         name=folder.resolve().name,
         prediction_type=scheduler.get("prediction_type", "epsilon"),
         vae_scaling_factor=float(vae.get("scaling_factor", DEFAULT_VAE_SCALING)),
@@ -138,8 +141,11 @@ class ModelFolder:
         else:
             manifest = _infer_manifest(folder)
         scheduler_config = _read_json(folder / SCHEDULER_CONFIG)
-        if not (folder / TOKENIZER_DIR).is_dir():
-            raise InputError(f"{folder / TOKENIZER_DIR}: missing (the model folder has no tokenizer)")
+        tokenizers = [TOKENIZER_DIR] if manifest.family != "sdxl-refiner" else []
+        tokenizers += [TOKENIZER_2_DIR] if manifest.family in SDXL_FAMILIES else []
+        for name in tokenizers:
+            if not (folder / name).is_dir():
+                raise InputError(f"{folder / name}: missing (the model folder has no tokenizer)")
         return cls(folder, manifest, scheduler_config)
 
     def variants(self, component: str) -> list[Variant]:
@@ -212,23 +218,39 @@ class ModelFolder:
     def text_width(self) -> int | None:
         """The width of the text encoder's token vectors (768 for SD 1.x, 1024 for SD 2.x), from its config
         (or the U-Net's cross-attention width, which equals it); None when neither file says."""
-        for part, key in (("text_encoder", "hidden_size"), ("unet", "cross_attention_dim")):
+        for part, key in (
+            ("text_encoder", "hidden_size"),
+            (TEXT_ENCODER_2, "hidden_size"),
+            ("unet", "cross_attention_dim"),
+        ):
             value = self.part_config(part).get(key)
             if isinstance(value, int):
                 return value
         return None
 
-    def tokenizer(self) -> CLIPTokenizer:
-        """The model's CLIP tokenizer; InputError naming the file when a tokenizer file is missing or broken."""
+    def tokenizer(self, text_encoder: str = "text_encoder") -> CLIPTokenizer:
+        """The CLIP tokenizer of ``text_encoder`` (SDXL's second has its own); InputError naming the file when a
+        tokenizer file is missing or broken."""
+        folder = self.path / (TOKENIZER_2_DIR if text_encoder == TEXT_ENCODER_2 else TOKENIZER_DIR)
         try:
-            return CLIPTokenizer.from_folder(self.tokenizer_dir)
+            return CLIPTokenizer.from_folder(folder)
         except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
-            raise InputError(f"{self.tokenizer_dir}: unusable tokenizer ({exc})") from None
+            raise InputError(f"{folder}: unusable tokenizer ({exc})") from None
 
     @property
     def tokenizer_dir(self) -> Path:
-        """The tokenizer folder (vocab.json, merges.txt, ...)."""
-        return self.path / TOKENIZER_DIR
+        """The (first) tokenizer folder (vocab.json, merges.txt, ...)."""
+        return self.path / (TOKENIZER_2_DIR if self.family == "sdxl-refiner" else TOKENIZER_DIR)
+
+    @property
+    def family(self) -> str:
+        """The model family (``sdlite.layout.FAMILIES``)."""
+        return self.manifest.family
+
+    @property
+    def force_zeros_for_empty_prompt(self) -> bool:
+        """Whether an empty negative prompt conditions with zeros (SDXL base's pipeline option)."""
+        return bool(_read_json(self.path / MODEL_INDEX).get("force_zeros_for_empty_prompt", False))
 
     @property
     def latent_factor(self) -> int:

@@ -15,14 +15,15 @@ from PIL import Image
 
 from sdlite import schedulers
 from sdlite.conditioning import TextConditioner
-from sdlite.denoiser import Denoiser, StepCallback, denoise, schedule_start
+from sdlite.denoiser import Denoiser, StepCallback, denoise, handoff_entry, schedule_start
 from sdlite.embeddings import EmbeddingLibrary, ti_hashes
 from sdlite.engines import ENGINE_FORMATS, check_engine
 from sdlite.errors import InputError, check_finite
-from sdlite.family import StableDiffusionFamily
+from sdlite.family import make_family, text_conditioners
 from sdlite.finishing import Finisher, ModelFacts, SafetyChecker
+from sdlite.hashing import short_hash
 from sdlite.images import resize_to, to_pil, to_pixels, to_unit, working_size
-from sdlite.layout import SAFETY_CHECKER, TINY_VAE_DECODER, TINY_VAE_PARTS
+from sdlite.layout import SAFETY_CHECKER, TINY_VAE_DECODER, TINY_VAE_PARTS, text_encoders
 from sdlite.loras import LoraLibrary, LoraSet
 from sdlite.masks import check_extend, check_not_empty, masked_region, outpaint_canvas, paste_back, prepare_mask
 from sdlite.memory_guard import MemoryGuard, UNetShape
@@ -35,6 +36,8 @@ from sdlite.vae import VAE_CHOICES, LatentCodec, TinyVae, Vae
 
 __all__ = ["GenerationRequest", "Pipeline", "check_size", "check_strength"]
 
+# A1111's default "Refiner switch at": the refiner takes the last fifth of the denoising.
+DEFAULT_REFINER_SWITCH = 0.8
 # In low-memory mode the VAE tiles once its estimated working set passes this (auto tiling).
 LOW_MEMORY_VAE_BUDGET = 1 << 30
 
@@ -127,6 +130,7 @@ class Pipeline:
         memory_budget: float | None = None,
         vae: str = "full",
         lora_dir: str | Path | None = None,
+        refiner: str | Path | None = None,
     ):
         check_engine(engine)
         if vae not in VAE_CHOICES:
@@ -145,7 +149,7 @@ class Pipeline:
         self.compute = compute
         self.low_memory = low_memory or memory_budget == 0
         self.threads = threads
-        self.tokenizer = folder.tokenizer()
+        self.tokenizer = folder.tokenizer(text_encoders(folder.family)[0])
         formats = ENGINE_FORMATS[engine]
         unet = folder.variant("unet", formats, precision)
         # ToMe, when the U-Net was converted with it, changes the image: the infotext says so (as A1111's).
@@ -166,26 +170,18 @@ class Pipeline:
                 return folder.graph(name, formats, folder.tiny_vae_precision(name, formats, precision))
             return folder.graph(name, formats, precision)
 
-        conditioner = TextConditioner(self.tokenizer, graph("text_encoder"), self.embeddings)
-        edit = conditioner.graph_edit
+        conditioners = text_conditioners(folder, graph, self.embeddings)
+        encoders = [name for name, _ in conditioners]
+        edits = {name: c.graph_edit for name, c in conditioners if c.graph_edit is not None}
         budget = 0 if self.low_memory else None if memory_budget is None else int(memory_budget * (1 << 30))
-        self.parts = PartPool(
-            graph,
-            engine,
-            device,
-            threads,
-            compute,
-            budget_bytes=budget,
-            edits={"text_encoder": edit} if edit is not None else None,
-        )
+        self.parts = PartPool(graph, engine, device, threads, compute, budget_bytes=budget, edits=edits or None)
         self.loras = LoraSet(
             LoraLibrary(lora_dir) if lora_dir is not None else None,
             lambda part, edit: self.parts.set_edit(part, "lora", edit),
-            ("text_encoder", "unet"),
+            (*encoders, "unet"),
         )
         self.parts.observers.append(self.loras)
-        guidance_width = folder.part_config("unet").get("time_cond_proj_dim")
-        self.family = StableDiffusionFamily(conditioner, self.parts.get, self.parts.done, guidance_width)
+        self.family = make_family(folder, conditioners, self.parts.get, self.parts.done)
         tiny = None
         if has_tiny_vae:
             tiny_config = folder.part_config(TINY_VAE_DECODER)
@@ -204,7 +200,7 @@ class Pipeline:
         # Previews decode with the tiny VAE when there is one: a fraction of a U-Net step instead of several.
         self.preview_codec: LatentCodec = tiny or self.vae
         # The parts every generation runs; resolve every graph now, so a missing part or precision fails first.
-        self.generation_parts = ("text_encoder", "unet", self.vae.decoder_part)
+        self.generation_parts = (*encoders, "unet", self.vae.decoder_part)
         resident = [*self.generation_parts, *([SAFETY_CHECKER] if self.safety_checker else [])]
         for name in resident:
             self.parts.path(name)
@@ -239,6 +235,32 @@ class Pipeline:
             for name in resident:
                 self.parts.get(name)
                 self.parts.done(name)
+        self.refiner = self._load_refiner(refiner) if refiner is not None else None
+
+    def _load_refiner(self, path: str | Path) -> Pipeline:
+        """The pipeline of the refiner folder at ``path``, loaded as this one (engine, device, precision, memory),
+        which must work on this model's latents."""
+        folder = ModelFolder.open(path)
+        mine, theirs = self.folder, folder
+        if (theirs.manifest.vae_scaling_factor, theirs.unet_in_channels) != (
+            mine.manifest.vae_scaling_factor,
+            self.vae.channels,
+        ):
+            raise InputError(
+                f"refiner {folder.path}: a {theirs.family} model, whose latents are not this {mine.family} model's; "
+                "use a refiner of the same family (an SDXL refiner for an SDXL model)"
+            )
+        return Pipeline(
+            folder,
+            engine=self.engine_name,
+            device=self.device,
+            precision=self.precision,
+            low_memory=self.low_memory,
+            threads=self.threads,
+            compute=self.compute,
+            safety_checker=False,
+            memory_budget=None if self.parts.budget_bytes is None else self.parts.budget_bytes / (1 << 30),
+        )
 
     @classmethod
     def load(
@@ -256,6 +278,7 @@ class Pipeline:
         memory_budget: float | None = None,
         vae: str = "full",
         lora_dir: str | Path | None = None,
+        refiner: str | Path | None = None,
     ) -> Pipeline:
         """Open the converted-model folder at ``path`` and load its parts in ``engine`` on ``device``.
 
@@ -265,7 +288,8 @@ class Pipeline:
         diffusers layout) that prompts use by name, no conversion needed; ``memory_budget`` (GiB) bounds what
         the loaded parts hold (see :class:`Pipeline`); ``vae`` "taesd" decodes with the tiny VAE; ``lora_dir`` is a
         folder of LoRA files that prompts use as ``<lora:name:multiplier>`` (``sdlite.loras``), no conversion
-        needed."""
+        needed; ``refiner`` is a converted SDXL refiner folder that finishes every generation (see
+        :meth:`txt2img`'s ``refiner_switch``)."""
         return cls(
             ModelFolder.open(path),
             engine=engine,
@@ -280,6 +304,7 @@ class Pipeline:
             memory_budget=memory_budget,
             vae=vae,
             lora_dir=lora_dir,
+            refiner=refiner,
         )
 
     @property
@@ -321,7 +346,13 @@ class Pipeline:
         return self.family.encode(prompts, clip_skip)
 
     def _check(self, *args, **kwargs) -> GenerationRequest:
-        """A checked request (``sdlite.request.make_request``) with this model's defaults."""
+        """A checked request (``sdlite.request.make_request``) with this model's defaults; with a refiner, it
+        takes over after 0.8 of the steps unless ``refiner_switch`` says otherwise (A1111's default)."""
+        switch = kwargs.get("refiner_switch")
+        if switch is not None and self.refiner is None:
+            raise InputError(f"refiner_switch {switch}: no refiner is loaded (load the pipeline with refiner=FOLDER)")
+        if switch is None and self.refiner is not None:
+            kwargs["refiner_switch"] = DEFAULT_REFINER_SWITCH
         return make_request(
             *args,
             **kwargs,
@@ -350,6 +381,7 @@ class Pipeline:
         cfg_rescale: float = 0.0,
         latents: np.ndarray | None = None,
         output_type: str = "pil",
+        refiner_switch: float | None = None,
         progress: bool = True,
         callback: StepCallback | None = None,
     ) -> list[Image.Image] | np.ndarray:
@@ -369,7 +401,9 @@ class Pipeline:
         invisible-watermark's ``dwtDct`` decoder reads back (``sdlite.watermark``; images of 256x256 pixels or more).
         ``cfg_rescale`` (0..1) rescales the guided prediction (Lin et al. 2024; A1111's "CFG Rescale"), for models
         trained with zero terminal SNR. A negative prompt at CFG 1 or below (or on a model that embeds the scale, such
-        as LCM) is not used, and a :class:`sdlite.errors.SdliteWarning` says so.
+        as LCM) is not used, and a :class:`sdlite.errors.SdliteWarning` says so. With a refiner loaded
+        (``refiner=FOLDER``), it takes over once ``refiner_switch`` (default 0.8) of the noise is removed, as
+        A1111's "Refiner switch at".
         """
         request = self._check(
             prompt,
@@ -386,6 +420,7 @@ class Pipeline:
             clip_skip,
             watermark,
             cfg_rescale,
+            refiner_switch=refiner_switch,
         )
         self.finisher.check_request(request, (request.width, request.height))
         if output_type == "latent":
@@ -588,10 +623,15 @@ class Pipeline:
 
         Noise is drawn per image from that image's seed, in the order diffusers' pipelines draw it (VAE
         posterior sample, then the initial noise, then per-step noise), so runs can be compared with them."""
+        strength = init.strength if init.from_image else 1.0
+        if self.folder.family == "sdxl-refiner" and strength >= 1.0:
+            raise InputError(
+                f"{self.folder.path} is an SDXL refiner: it continues an image (img2img below strength 1, or as the "
+                "refiner of an SDXL base model), it does not start one from noise"
+            )
         self._check_memory(request)
         scheduler = schedulers.create(request.sampler, self.folder.scheduler_config, request.schedule)
         scheduler.set_timesteps(request.steps)
-        strength = init.strength if init.from_image else 1.0
         start = schedule_start(scheduler, request.steps, strength)
         channels, factor = self.vae.channels, self.vae.factor
         shape = (1, channels, request.height // factor, request.width // factor)
@@ -652,9 +692,36 @@ class Pipeline:
         # An inpainting U-Net's extra channels (mask, masked-image latents) are the same at every step.
         channels = np.concatenate([mask_latents, masked_latents], axis=1) if conditioned else None
         cfg = request.cfg_scale if request.guided else 1.0
-        denoiser = Denoiser(self.parts.get("unet"), conditioning, cfg, channels, request.cfg_rescale)
-        latents = denoise(scheduler, start, latents, denoiser, draw, after_step, callback, progress)
+        handoff = None
+        switch_at = handoff_entry(scheduler.timesteps, start, request.refiner_switch) if self.refiner else None
+        if switch_at is not None:
+            if conditioned:
+                raise InputError("a refiner cannot continue an inpainting model's denoising; inpaint without it")
+            refiner = self.refiner
+
+            def to_refiner() -> Denoiser:
+                self.parts.done("unet")
+                if self.parts.budget_bytes is not None:
+                    self.parts.release()  # the base's parts make room for the refiner's
+                refined = refiner.family.conditioning(request)
+                return Denoiser(refiner.parts.get("unet"), refined, cfg, None, request.cfg_rescale)
+
+            handoff = (switch_at, to_refiner)
+        # Made in the call, not kept in a local: after a handoff the base U-Net's engine must be free to go.
+        latents = denoise(
+            scheduler,
+            start,
+            latents,
+            Denoiser(self.parts.get("unet"), conditioning, cfg, channels, request.cfg_rescale),
+            draw,
+            after_step,
+            callback,
+            progress,
+            handoff,
+        )
         self.parts.done("unet")
+        if handoff is not None:
+            self.refiner.parts.done("unet")
         return latents
 
     def _check_memory(self, request: GenerationRequest) -> None:
@@ -676,6 +743,10 @@ class Pipeline:
     ) -> list[Image.Image] | np.ndarray:
         """The finishing step (``sdlite.finishing``) with the embeddings the request's prompts named."""
         embeddings = ti_hashes(self.family.embeddings_used(request))
+        if self.refiner is not None and request.refiner_switch is not None:
+            refiner = self.refiner.folder
+            name = refiner.manifest.name + (f" [{short_hash(refiner.model_hash)}]" if refiner.model_hash else "")
+            extra = {**extra, "Refiner": name, "Refiner switch at": request.refiner_switch}
         return self.finisher.finish(images, request, extra, output_type, embeddings, size, self.loras.hashes())
 
     def release(self) -> None:

@@ -53,6 +53,8 @@ class GenerationRequest:
     # The model takes the CFG scale as an input (a latent consistency U-Net's guidance embedding) instead of
     # running an unconditional pass.
     embedded_guidance: bool = False
+    # With a refiner: the fraction of the schedule after which it takes over (A1111's "Refiner switch at").
+    refiner_switch: float | None = None
 
     @property
     def guided(self) -> bool:
@@ -114,6 +116,7 @@ def make_request(
     clip_skip: int = 1,
     watermark: bool = False,
     cfg_rescale: float = 0.0,
+    refiner_switch: float | None = None,
     *,
     default_size: tuple[int, int],
     default_sampler: str,
@@ -152,6 +155,8 @@ def make_request(
     if not is_finite_number(cfg_rescale) or not 0.0 <= float(cfg_rescale) <= 1.0:
         raise InputError(f"cfg_rescale {cfg_rescale!r}: must be a number from 0 (off) to 1")
     seed = _integer("seed", chosen_seed(seed), 0, MAX_SEED)
+    if refiner_switch is not None and not (is_finite_number(refiner_switch) and 0.0 < float(refiner_switch) <= 1.0):
+        raise InputError(f"refiner_switch {refiner_switch!r}: must be a fraction of the steps above 0, at most 1")
     try:
         sampler = schedulers.canonical_name(sampler or default_sampler)
         schedulers.infotext_fields(sampler, schedule)  # an unknown schedule, or one the sampler cannot take
@@ -181,6 +186,7 @@ def make_request(
         bool(watermark),
         float(cfg_rescale),
         embedded_guidance,
+        None if refiner_switch is None else float(refiner_switch),
     )
     if request.negative_prompt and not request.guided:
         # diffusers and A1111 skip the unconditional pass here too; the user should know the text went unread.

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from sdlite.cli import main
 from sdlite.models.recipes import SDXL_VAE_SCALING, build
 
 
@@ -45,10 +44,3 @@ def test_tiny_sdxl_generates(tiny_sdxl):
         output_type="np",
     ).images[0]
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
-
-
-def test_sdxl_folder_conversion_is_refused_in_one_line(tiny_sdxl, tmp_path, capsys):
-    assert main(["convert", str(tiny_sdxl), str(tmp_path / "out"), "--quiet"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "SDXL" in err
-    assert not (tmp_path / "out").exists()

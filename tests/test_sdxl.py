@@ -1,0 +1,346 @@
+"""SDXL end to end: conversion of the tiny SDXL recipes (base, refiner, inpainting), and the numpy pipeline against
+diffusers' StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline and StableDiffusionXLInpaintPipeline on
+the same weights and noise."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdlite import Pipeline
+from sdlite.cli import main
+from sdlite.errors import InputError
+from sdlite.rng import NoiseGenerator
+
+pytestmark = pytest.mark.torch
+
+# fp32 ONNX vs fp32 PyTorch: differences come only from kernel order (~1e-6 per op), as for SD 1.5.
+DECODED_ATOL = 2e-3
+PROMPT = "a red circle on a blue background"
+LONG_PROMPT = ", ".join(["a (very:1.3) detailed [oil] painting of a lighthouse on a cliff at dusk"] * 6)
+
+
+@pytest.fixture(scope="module")
+def recipes(tmp_path_factory):
+    """name -> (diffusers folder, sdlite ONNX fp32 folder) for the three tiny SDXL recipes."""
+    from sdlite.convert.converter import convert
+    from sdlite.models.recipes import build
+
+    root = tmp_path_factory.mktemp("sdxl")
+    folders = {}
+    for name in ("tiny-sdxl", "tiny-sdxl-refiner", "tiny-sdxl-inpaint"):
+        source = build(name, root / name)
+        formats = ["onnx", "openvino"] if name == "tiny-sdxl" else ["onnx"]
+        convert(str(source), root / f"{name}-out", formats=formats, quiet=True)
+        folders[name] = (source, root / f"{name}-out")
+    return folders
+
+
+@pytest.fixture(scope="module")
+def base(recipes):
+    return Pipeline.load(recipes["tiny-sdxl"][1])
+
+
+def _reference(kind: str, folder):
+    import diffusers
+
+    pipe = getattr(diffusers, kind).from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def reference(recipes):
+    return _reference("StableDiffusionXLPipeline", recipes["tiny-sdxl"][0])
+
+
+def _scheduler(name: str):
+    """diffusers' scheduler for A1111 sampler ``name``, from the recipe's own scheduler config (a pipeline's
+    current config carries the options of whatever scheduler ran last)."""
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+    )
+
+    from sdlite.models.recipes import SDXL_SCHEDULER
+
+    config = SDXL_SCHEDULER
+    return {
+        "Euler": lambda: EulerDiscreteScheduler.from_config(config),
+        "Euler a": lambda: EulerAncestralDiscreteScheduler.from_config(config),
+        "DDIM": lambda: DDIMScheduler.from_config(config),
+        "DPM++ 2M Karras": lambda: DPMSolverMultistepScheduler.from_config(
+            config, use_karras_sigmas=True, algorithm_type="dpmsolver++", solver_order=2
+        ),
+    }[name]()
+
+
+def test_conversion_writes_the_sdxl_layout(recipes):
+    for name, family, parts in (
+        ("tiny-sdxl", "sdxl", {"text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder"}),
+        ("tiny-sdxl-refiner", "sdxl-refiner", {"text_encoder_2", "unet", "vae_encoder", "vae_decoder"}),
+    ):
+        out = recipes[name][1]
+        manifest = json.loads((out / "sdlite.json").read_text())
+        assert manifest["family"] == family
+        assert set(manifest["components"]) == parts
+        assert all(v["validation"]["passed"] for variants in manifest["components"].values() for v in variants)
+        index = json.loads((out / "model_index.json").read_text())
+        assert index["text_encoder_2"] == ["transformers", "CLIPTextModelWithProjection"]
+        assert (out / "tokenizer_2" / "vocab.json").is_file()
+    assert json.loads((recipes["tiny-sdxl-refiner"][1] / "model_index.json").read_text())["requires_aesthetics_score"]
+
+
+@pytest.mark.parametrize(
+    ("sampler", "cfg", "size", "negative"),
+    [
+        ("Euler", 5.0, (64, 64), ""),  # an empty negative prompt conditions with zeros (force_zeros_for_empty_prompt)
+        ("Euler a", 7.0, (72, 48), "blurry"),
+        ("DDIM", 1.0, (64, 64), ""),
+        ("DPM++ 2M Karras", 3.5, (48, 80), "low quality"),
+    ],
+)
+def test_txt2img_matches_diffusers(sampler, cfg, size, negative, base, reference, monkeypatch):
+    width, height = size
+    steps, seed = 6, 42
+    shape = (1, 4, height // 8, width // 8)
+    stream = NoiseGenerator(seed)
+    latents = stream.randn(shape)
+    step_noise = [torch.from_numpy(stream.randn(shape)) for _ in range(steps)]
+    import diffusers.schedulers.scheduling_euler_ancestral_discrete as euler_a
+
+    monkeypatch.setattr(euler_a, "randn_tensor", lambda *args, **kwargs: step_noise.pop(0))
+    reference.scheduler = _scheduler(sampler)
+    expected = reference(
+        PROMPT,
+        negative_prompt=negative or None,
+        num_inference_steps=steps,
+        guidance_scale=cfg,
+        width=width,
+        height=height,
+        latents=torch.from_numpy(latents),
+        output_type="np",
+    ).images
+    got = base.txt2img(
+        PROMPT,
+        negative_prompt=negative,
+        steps=steps,
+        cfg_scale=cfg,
+        sampler=sampler,
+        seed=seed,
+        width=width,
+        height=height,
+        output_type="np",
+        progress=False,
+    )
+    assert got.shape == expected.shape == (1, height, width, 3)
+    assert float(np.abs(got - expected).max()) < DECODED_ATOL
+
+
+def test_openvino_matches_diffusers(recipes, reference):
+    ours = Pipeline.load(recipes["tiny-sdxl"][1], engine="openvino", compute="f32")
+    latents = NoiseGenerator(3).randn((1, 4, 8, 8))
+    reference.scheduler = _scheduler("Euler")
+    expected = reference(PROMPT, num_inference_steps=4, latents=torch.from_numpy(latents), output_type="np").images
+    got = ours.txt2img(PROMPT, steps=4, cfg_scale=5.0, sampler="Euler", seed=3, output_type="np", progress=False)
+    assert float(np.abs(got - expected).max()) < DECODED_ATOL
+
+
+def _a1111_sdxl_conditioning(pipe, conditioners, prompt: str, clip_skip: int = 1):
+    """A1111's SDXL conditioning written out with the PyTorch encoders: each encoder's chunks (sdlite's parser,
+    tested on its own) through layer -(clip_skip + 1), emphasis per chunk with the mean restored, chunks
+    concatenated, the two encoders side by side; pooled: the second encoder's text_embeds of the first chunk."""
+    contexts, pooled = [], None
+    for (_, conditioner), encoder in zip(conditioners, (pipe.text_encoder, pipe.text_encoder_2), strict=True):
+        chunks = conditioner.chunks(prompt)
+        outputs = []
+        for chunk in chunks:
+            with torch.no_grad():
+                out = encoder(torch.tensor([chunk.ids]), output_hidden_states=True)
+            z = out.hidden_states[-(clip_skip + 1)][0]
+            mean = z.mean()
+            z = z * torch.tensor(chunk.weights, dtype=torch.float32)[:, None]
+            outputs.append((z * (mean / z.mean())).numpy())
+            if pooled is None and hasattr(out, "text_embeds"):
+                pooled = out.text_embeds.numpy()
+        contexts.append(np.concatenate(outputs)[None])
+    return torch.from_numpy(np.concatenate(contexts, axis=-1)), torch.from_numpy(pooled)
+
+
+@pytest.mark.parametrize("clip_skip", [1, 2])
+def test_long_weighted_prompt_matches_a1111_conditioning_in_diffusers(clip_skip, base, reference):
+    """A prompt of several 77-token chunks with emphasis, through both encoders, at clip skip 1 (SDXL's
+    penultimate layer) and 2: the conditioning A1111 computes, given to diffusers' pipeline."""
+    assert len(base.family.conditioner.chunks(LONG_PROMPT)) >= 2
+    context, pooled = _a1111_sdxl_conditioning(reference, base.family.encoders, LONG_PROMPT, clip_skip)
+    latents = NoiseGenerator(9).randn((1, 4, 8, 8))
+    reference.scheduler = _scheduler("Euler")
+    expected = reference(
+        prompt_embeds=context,
+        pooled_prompt_embeds=pooled,
+        negative_prompt_embeds=torch.zeros_like(context),
+        negative_pooled_prompt_embeds=torch.zeros_like(pooled),
+        num_inference_steps=4,
+        guidance_scale=6.0,
+        latents=torch.from_numpy(latents),
+        output_type="np",
+    ).images
+    got = base.txt2img(
+        LONG_PROMPT,
+        steps=4,
+        cfg_scale=6.0,
+        sampler="Euler",
+        seed=9,
+        clip_skip=clip_skip,
+        output_type="np",
+        progress=False,
+    )
+    assert float(np.abs(got - expected).max()) < DECODED_ATOL
+
+
+def test_clip_skip_matches_diffusers(base, reference):
+    """sdlite's clip skip 2 is diffusers' clip_skip=1 on SDXL (one layer before the penultimate)."""
+    latents = NoiseGenerator(4).randn((1, 4, 8, 8))
+    reference.scheduler = _scheduler("Euler")
+    expected = reference(
+        PROMPT, num_inference_steps=4, clip_skip=1, latents=torch.from_numpy(latents), output_type="np"
+    ).images
+    got = base.txt2img(
+        PROMPT, steps=4, cfg_scale=5.0, sampler="Euler", seed=4, clip_skip=2, output_type="np", progress=False
+    )
+    assert float(np.abs(got - expected).max()) < DECODED_ATOL
+
+
+def _image_and_mask():
+    rng = np.random.default_rng(0)
+    image = Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8))
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 8:40] = 255
+    return image, Image.fromarray(mask)
+
+
+@pytest.mark.parametrize("name", ["tiny-sdxl", "tiny-sdxl-refiner"])
+def test_img2img_matches_diffusers(name, recipes):
+    """The base model and the refiner (its aesthetic-score time ids) as img2img."""
+    source, converted = recipes[name]
+    reference = _reference("StableDiffusionXLImg2ImgPipeline", source)
+    ours = Pipeline.load(converted)
+    image, _ = _image_and_mask()
+    expected = reference(
+        "a cat",
+        negative_prompt="ugly",
+        image=image,
+        strength=0.4,
+        num_inference_steps=10,
+        guidance_scale=6.0,
+        generator=torch.Generator().manual_seed(3),
+        output_type="np",
+    ).images
+    got = ours.img2img(
+        "a cat",
+        image,
+        negative_prompt="ugly",
+        strength=0.4,
+        steps=10,
+        cfg_scale=6.0,
+        sampler="Euler",
+        seed=3,
+        seed_source="cpu",
+        output_type="np",
+        progress=False,
+    )
+    assert float(np.abs(got - expected).max()) < DECODED_ATOL
+
+
+@pytest.mark.parametrize(("name", "strength"), [("tiny-sdxl", 1.0), ("tiny-sdxl", 0.7), ("tiny-sdxl-inpaint", 1.0)])
+def test_inpaint_matches_diffusers(name, strength, recipes):
+    """Inpainting with the base model (latents blended back each step) and with a 9-channel inpainting U-Net,
+    compared before pasting back (diffusers' output)."""
+    source, converted = recipes[name]
+    reference = _reference("StableDiffusionXLInpaintPipeline", source)
+    ours = Pipeline.load(converted)
+    image, mask = _image_and_mask()
+    expected = reference(
+        "a cat",
+        image=image,
+        mask_image=mask,
+        strength=strength,
+        num_inference_steps=8,
+        guidance_scale=6.0,
+        generator=torch.Generator().manual_seed(3),
+        output_type="np",
+    ).images
+    request = ours._check(
+        "a cat", steps=8, cfg_scale=6.0, sampler="Euler", seed=3, seed_source="cpu", width=64, height=64
+    )
+    got = ours._inpaint_pixels(request, image, mask, strength, "fit", False, None)
+    assert float(np.abs(got - expected).max()) < DECODED_ATOL
+
+
+@pytest.mark.parametrize(("steps", "switch"), [(10, 0.8), (7, 0.5)])
+def test_refiner_takes_over_as_diffusers_ensemble_of_experts(steps, switch, recipes, reference):
+    """--refiner with --refiner-switch: the base denoises until the switch, the refiner finishes, as diffusers'
+    base with denoising_end then refiner with denoising_start (same latents; sdlite decodes with the base's VAE,
+    which SDXL's refiner shares)."""
+    refiner = _reference("StableDiffusionXLImg2ImgPipeline", recipes["tiny-sdxl-refiner"][0])
+    ours = Pipeline.load(recipes["tiny-sdxl"][1], refiner=recipes["tiny-sdxl-refiner"][1])
+    latents = NoiseGenerator(5).randn((1, 4, 8, 8))
+    reference.scheduler = _scheduler("Euler")
+    options = dict(num_inference_steps=steps, guidance_scale=6.0, output_type="latent")
+    middle = reference("a cat", denoising_end=switch, latents=torch.from_numpy(latents), **options).images
+    expected = refiner("a cat", image=middle, denoising_start=switch, **options).images.numpy()
+    common = dict(steps=steps, cfg_scale=6.0, sampler="Euler", seed=5, progress=False, refiner_switch=switch)
+    got = ours.txt2img("a cat", output_type="latent", **common)
+    assert float(np.abs(got - expected).max()) < 1e-3 * float(np.abs(expected).max())
+    text = ours.txt2img("a cat", **common)[0].info["parameters"]
+    assert "Refiner: tiny-sdxl-refiner [" in text and f"Refiner switch at: {switch}" in text
+
+
+def test_refiner_is_not_a_base_model(recipes):
+    refiner = Pipeline.load(recipes["tiny-sdxl-refiner"][1])
+    with pytest.raises(InputError, match="SDXL refiner"):
+        refiner.txt2img("a cat", steps=2, progress=False)
+
+
+def test_refiner_of_another_family_is_refused(recipes, tiny_onnx):
+    with pytest.raises(InputError, match="latents"):
+        Pipeline.load(recipes["tiny-sdxl"][1], refiner=tiny_onnx)
+
+
+def test_refiner_switch_without_refiner_is_refused(base):
+    with pytest.raises(InputError, match="no refiner"):
+        base.txt2img("a cat", steps=2, refiner_switch=0.5, progress=False)
+
+
+def test_cli_generates_with_refiner(recipes, tmp_path, capsys):
+    out = tmp_path / "x.png"
+    code = main(
+        [
+            "generate",
+            "a cat",
+            "-m",
+            str(recipes["tiny-sdxl"][1]),
+            "--refiner",
+            str(recipes["tiny-sdxl-refiner"][1]),
+            "--refiner-switch",
+            "0.6",
+            "--steps",
+            "3",
+            "--seed",
+            "1",
+            "-o",
+            str(out),
+            "--quiet",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    parameters = Image.open(out).info["parameters"]
+    assert "Refiner switch at: 0.6" in parameters and "Size: 64x64" in parameters
+    assert main(["generate", "a cat", "-m", str(recipes["tiny-sdxl-refiner"][1]), "-o", str(tmp_path / "r.png")]) == 2
+    assert "SDXL refiner" in capsys.readouterr().err
