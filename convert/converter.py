@@ -21,10 +21,10 @@ from sdlite.convert.onnx_export import export_onnx, save_onnx
 from sdlite.convert.parts import final_layer_norm, part_spec, trace_size, vae_scale_factor, validation_size
 from sdlite.convert.phases import PhaseMeter
 from sdlite.convert.presets import CHOICES as PRESET_CHOICES
-from sdlite.convert.presets import model_defaults
+from sdlite.convert.presets import FAMILY_DEFAULTS, model_defaults
 from sdlite.convert.token_merging import MAX_RATIO
 from sdlite.convert.validate import ValidationError, reference_outputs, validate_graph
-from sdlite.convert.variants import FORMATS, PRECISIONS, derive, onnx_to_openvino, save_ir
+from sdlite.convert.variants import FORMATS, PRECISIONS, derive, link_files, onnx_to_openvino, save_ir
 from sdlite.errors import InputError, SdliteError
 from sdlite.layout import (
     CONFIG_NAME,
@@ -145,6 +145,8 @@ class _Part:
     precisions: list[str]
     attention: str
     weight_bytes: int
+    # Kept in fp32 where fp16 is asked for: the part overflows in fp16 (SDXL's VAE: its config's force_upcast).
+    fp16_overflows: bool = False
 
 
 @dataclass
@@ -312,6 +314,8 @@ class _Run:
             for fmt, precision in part.jobs:
                 label = f"{fmt} {precision}"
                 part_precision = _part_precision(name, precision)
+                kept = "fp32" if part.fp16_overflows and part_precision == "fp16" else None
+                part_precision = kept or part_precision
                 record = journal.finished(f"{name}/{fmt}/{precision}")
                 if record is None:
                     target_dir = _variant_dir(root, name, precision, part.precisions)
@@ -319,6 +323,8 @@ class _Run:
                     with meter.phase(name, label, phase):
                         if fmt == "onnx" and precision == "fp32":
                             files = graph_files(base.onnx)
+                        elif fmt == "onnx" and part_precision == "fp32":
+                            files = link_files(graph_files(base.onnx), target_dir)
                         else:
                             source_graph = base.openvino if fmt == "openvino" else base.onnx
                             calibration = base.calibration if part_precision == "w8a8" else None
@@ -348,6 +354,7 @@ class _Run:
                         validation=validation,
                         attention=attention,
                         token_merging=self.token_merging if name == "unet" else 0.0,
+                        kept=kept,
                     )
                 if record["validation"] is not None and not record["validation"]["passed"]:
                     failures.append(f"{name} {label}: out of tolerance ({record['validation']['bound']})")
@@ -359,6 +366,7 @@ class _Run:
                         files=record["files"],
                         validation=record["validation"],
                         token_merging=record["token_merging"],
+                        kept=record.get("kept"),
                     )
                 )
                 meter.advance(
@@ -478,6 +486,7 @@ def convert(
     tiny = load_tiny_vae(tiny_vae, pipe.vae.config.latent_channels) if tiny_vae else None
     factor = vae_scale_factor(pipe)
     family = family_of(pipe.unet.config, getattr(pipe, "text_encoder", None) is not None)
+    defaults = {**FAMILY_DEFAULTS.get(family, {}), **defaults}
     manifest = Manifest(
         family=family,
         name=loaded.name,
@@ -498,7 +507,14 @@ def convert(
     # Sizes only: a reference to a module here would keep it loaded after its part is done.
     names = family_parts(family)
     weights = {name: _weight_bytes(getattr(pipe, "vae" if name.startswith("vae") else name)) for name in names}
-    parts = {name: _Part(part_spec(name, pipe), pipe, jobs, precisions, attention, weights[name]) for name in names}
+    # SDXL's VAE overflows in fp16 (its config's force_upcast, which diffusers honours by decoding in fp32).
+    overflows = bool(getattr(pipe.vae.config, "force_upcast", False)) and family in SDXL_FAMILIES
+    parts = {
+        name: _Part(
+            part_spec(name, pipe), pipe, jobs, precisions, attention, weights[name], name.startswith("vae") and overflows
+        )
+        for name in names
+    }
     if loaded.safety_checker is not None:
         # The safety checker only decides whether to black an image out: it is exported in fp32 only, in
         # each format, so that a reduced precision can never flip its decision near a threshold.

@@ -21,6 +21,9 @@ PRESETS: dict[str, dict[str, object]] = {
     # SDXL-Lightning / Hyper-SD: Euler on "trailing" timesteps, 4 steps, no guidance.
     "lightning": {"steps": 4, "cfg_scale": 1.0, "sampler": "Euler", "schedule": "sgm_uniform"},
 }
+# What a model family generates with when neither the user nor a few-step preset says: SDXL's CFG scale is
+# diffusers' StableDiffusionXLPipeline default (SD's 7.5 over-saturates it); size comes from the U-Net's config.
+FAMILY_DEFAULTS: dict[str, dict[str, object]] = {"sdxl": {"cfg_scale": 5.0}, "sdxl-refiner": {"cfg_scale": 5.0}}
 # A latent consistency U-Net embeds the guidance scale; 8 is LCM-Dreamshaper's recommended scale.
 LCM_EMBEDDED = {**PRESETS["lcm"], "cfg_scale": 8.0}
 CHOICES = ("auto", "none", *PRESETS)

@@ -72,6 +72,21 @@ def _stable_op_names(model) -> None:
             op.set_friendly_name(f"{op.get_type_name()}_n{index}")
 
 
+def link_files(sources: Sequence[Path], out_dir: Path) -> list[Path]:
+    """``sources`` in ``out_dir`` under their names: hard links where the file system has them, else copies."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    for source in sources:
+        target = out_dir / source.name
+        target.unlink(missing_ok=True)
+        try:
+            os.link(source, target)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(source, target)
+        files.append(target)
+    return files
+
+
 def openvino_ir(
     base: Path,
     out_dir: Path,
@@ -89,17 +104,7 @@ def openvino_ir(
 
     if precision == "fp32":
         # The same files: linked, not copied (the base folder is removed when the conversion ends).
-        out_dir.mkdir(parents=True, exist_ok=True)
-        files = []
-        for source in graph_files(base):
-            target = out_dir / source.name
-            target.unlink(missing_ok=True)
-            try:
-                os.link(source, target)
-            except OSError:  # a file system without hard links
-                shutil.copyfile(source, target)
-            files.append(target)
-        return files
+        return link_files(graph_files(base), out_dir)
     scratch = scratch or out_dir.parent
     scratch.mkdir(parents=True, exist_ok=True)
     with (

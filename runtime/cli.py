@@ -253,9 +253,10 @@ def cmd_info(args: argparse.Namespace) -> int:
                 worst = max(diffs.values())
                 check = f"  max|diff| vs PyTorch {worst:.1e} {'ok' if variant.validation.get('passed') else 'FAILED'}"
             tome = f"  token merging {variant.token_merging:g}" if variant.token_merging else ""
+            kept = f"  (kept {variant.kept}: overflows in {variant.precision})" if variant.kept else ""
             print(
                 f"{component:<15}{variant.format:<9}{variant.precision:<6}{variant.attention:<7}"
-                f"{size / 2**20:9.1f} MiB{check}{tome}"
+                f"{size / 2**20:9.1f} MiB{check}{tome}{kept}"
             )
     return 0
 

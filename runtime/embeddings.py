@@ -13,12 +13,16 @@ Layouts read:
 - diffusers (``learned_embeds.safetensors``): one tensor whose key is the token, e.g. ``<cat-toy>``, of
   shape (N, width) or (width,); the prompt may use the token or the file's stem.
 
+- SDXL (A1111 and diffusers): tensors ``clip_l`` (the first text encoder's vectors) and ``clip_g`` (the second's);
+  each encoder of an SDXL model reads its own, and both put the same number of tokens in the same places.
+
 Names match as A1111 matches them: the name is tokenized like prompt text, and wherever a piece of the
 prompt tokenizes to that same run of tokens the embedding replaces it (so case does not matter, and the
 longest name wins when several start with the same token); a name written between punctuation, such as
 ``<cat-toy>``, is also found when more punctuation follows it. An embedding that does not fit in what is
 left of a chunk starts the next one; it is never split. Files that cannot serve this model (another
-width, an SDXL pair, a pickle, a name two files share) only fail when a prompt uses them, so one folder
+width, an SDXL pair on a one-encoder model or the reverse, a pickle, a name two files share) only fail when a
+prompt uses them, so one folder
 can hold embeddings for several model families; a file that is not an embedding at all fails at load.
 """
 
@@ -87,12 +91,13 @@ class _Entry:
     problem: str | None = None
 
 
-def read_embedding(path: str | Path) -> tuple[dict[str, np.ndarray], str]:
+def read_embedding(path: str | Path, sdxl_key: str | None = None) -> tuple[dict[str, np.ndarray], str]:
     """The vectors of an embedding file by the names a prompt may use for them, and its layout.
 
     Returns ``({name: vectors (N, width) float32}, layout)``; raises ``InputError`` for a file that is
     not a textual-inversion embedding in a layout sdlite reads. An SDXL embedding (``clip_l`` and
-    ``clip_g``) gives no vectors and layout ``"sdxl"``, so that the caller can say why it does not fit."""
+    ``clip_g``) gives the vectors of ``sdxl_key`` (one of them), or none without it, with layout ``"sdxl"``,
+    so that the caller can say why it does not fit."""
     path = Path(path)
     tensors, _ = read_safetensors(path, max_bytes=MAX_FILE_BYTES)
     stem = path.stem
@@ -101,7 +106,9 @@ def read_embedding(path: str | Path) -> tuple[dict[str, np.ndarray], str]:
     elif A1111_PT_KEY in tensors:
         found, layout = {stem: tensors[A1111_PT_KEY]}, "a1111"
     elif tensors.keys() >= SDXL_KEYS:
-        return {}, "sdxl"
+        if sdxl_key is None:
+            return {}, "sdxl"
+        found, layout = {stem: tensors[sdxl_key]}, "sdxl"
     elif len(tensors) == 1:
         ((token, vectors),) = tensors.items()
         found, layout = {token: vectors, stem: vectors}, "diffusers"
@@ -146,11 +153,18 @@ class EmbeddingLibrary:
 
     @classmethod
     def load(
-        cls, folder: str | Path, tokenize: Callable[[str], list[int]], first_id: int, width: int | None
+        cls,
+        folder: str | Path,
+        tokenize: Callable[[str], list[int]],
+        first_id: int,
+        width: int | None,
+        sdxl_key: str | None = None,
     ) -> EmbeddingLibrary:
         """Read every embedding under ``folder`` (subfolders too). ``tokenize`` is the prompt tokenizer,
         ``first_id`` the size of the text encoder's token table (the first new row's id) and ``width`` its
-        width (``None``: unknown, the engine checks it when it extends the table)."""
+        width (``None``: unknown, the engine checks it when it extends the table). For an encoder of an SDXL
+        model, ``sdxl_key`` (``clip_l`` or ``clip_g``) names its vectors in SDXL embeddings, and one-encoder
+        embeddings cannot serve it."""
         folder = Path(folder)
         if not folder.is_dir():
             raise InputError(f"--embeddings {folder}: folder not found")
@@ -164,13 +178,16 @@ class EmbeddingLibrary:
                 )
                 found: dict[str, np.ndarray | None] = {path.stem: None}
             elif suffix == ".safetensors":
-                vectors_by_name, layout = read_embedding(path)
+                vectors_by_name, layout = read_embedding(path, sdxl_key)
                 found, problem = dict(vectors_by_name), None
-                if layout == "sdxl":
-                    found = {path.stem: None}
+                if (layout == "sdxl") != (sdxl_key is not None):
+                    found = {name: None for name in found} or {path.stem: None}
                     problem = (
                         f"embedding {path.stem!r} ({path}) is an SDXL embedding (clip_l and clip_g vectors); "
                         "this model has one text encoder"
+                        if sdxl_key is None
+                        else f"embedding {path.stem!r} ({path}) has one text encoder's vectors (SD 1.x/2.x); this "
+                        "SDXL model needs clip_l and clip_g vectors"
                     )
             else:
                 continue  # previews, notes, and other files that often sit next to embeddings

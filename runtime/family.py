@@ -12,6 +12,7 @@ only the second), and adds the second's pooled embedding (``text_embeds``) and t
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -178,15 +179,27 @@ class SdxlFamily:
 Family = StableDiffusionFamily | SdxlFamily
 
 
+# The tensor of an SDXL textual-inversion embedding that each of SDXL's text encoders reads.
+_SDXL_EMBEDDING_KEYS = {"text_encoder": "clip_l", TEXT_ENCODER_2: "clip_g"}
+
+
 def text_conditioners(
-    folder: ModelFolder, graph: Callable[[str], object], embeddings: EmbeddingLibrary | None
+    folder: ModelFolder, graph: Callable[[str], object], embeddings: str | Path | None
 ) -> list[tuple[str, TextConditioner]]:
-    """Each text encoder of the folder's family with the conditioner that feeds it, in concatenation order."""
+    """Each text encoder of the folder's family with the conditioner that feeds it, in concatenation order; the
+    textual-inversion embeddings under the folder ``embeddings`` are each encoder's (``sdlite.embeddings``)."""
     sdxl = folder.family in SDXL_FAMILIES
-    return [
-        (name, TextConditioner(folder.tokenizer(name), graph(name), embeddings, penultimate=sdxl))
-        for name in text_encoders(folder.family)
-    ]
+    conditioners = []
+    for name in text_encoders(folder.family):
+        tokenizer = folder.tokenizer(name)
+        library = None
+        if embeddings is not None:
+            width = folder.part_config(name).get("hidden_size")
+            key = _SDXL_EMBEDDING_KEYS[name] if sdxl else None
+            width = width if isinstance(width, int) else None if sdxl else folder.text_width
+            library = EmbeddingLibrary.load(embeddings, tokenizer.tokenize, tokenizer.vocab_size, width, key)
+        conditioners.append((name, TextConditioner(tokenizer, graph(name), library, penultimate=sdxl)))
+    return conditioners
 
 
 def make_family(

@@ -34,6 +34,9 @@ class Variant:
     # Fraction of tokens merged before the U-Net's full-resolution self-attentions (ToMe; 0: none). It changes
     # the image, so the infotext records it as A1111's "Token merging ratio".
     token_merging: float = 0.0
+    # The precision the files hold when it is not ``precision``: a part that overflows in fp16 (SDXL's VAE) is
+    # kept in fp32 in its fp16 variant, and the runtime never computes it in fp16.
+    kept: str | None = None
 
     @property
     def main_file(self) -> str:
@@ -82,6 +85,7 @@ def _variant(part: str, data: dict) -> Variant:
         files=dict(files),
         validation=validation,
         token_merging=float(merging),
+        kept=data.get("kept") if isinstance(data.get("kept"), str) else None,
     )
 
 

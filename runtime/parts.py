@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -96,7 +96,8 @@ class PartPool:
 
     ``graph(name)`` resolves a part's graph file; ``budget_bytes`` None keeps every loaded part resident until
     :meth:`release`, 0 releases each part as soon as it is done. ``edits`` maps a part name to an edit of its
-    loaded graph (textual inversion's token rows for the text encoder); :meth:`set_edit` adds or replaces one."""
+    loaded graph (textual inversion's token rows for the text encoder); :meth:`set_edit` adds or replaces one.
+    ``f32_parts`` compute in f32 whatever ``compute`` is, as the text encoders and the safety checker always do."""
 
     def __init__(
         self,
@@ -107,12 +108,14 @@ class PartPool:
         compute: str = "auto",
         budget_bytes: int | None = None,
         edits: Mapping[str, GraphEdit] | None = None,
+        f32_parts: Collection[str] = (),
     ):
         self._graph = graph
         self.engine_name = engine
         self.device = device
         self.threads = threads
         self.compute = compute
+        self.f32_parts = {*F32_PARTS, *f32_parts}
         self.budget_bytes = budget_bytes
         # Part -> its edits by name, applied in the order they were set.
         self._edits: dict[str, dict[str, GraphEdit]] = {part: {"base": edit} for part, edit in (edits or {}).items()}
@@ -148,7 +151,7 @@ class PartPool:
             self._loaded.move_to_end(part)
         else:
             self._make_room(part)
-            compute = "f32" if part in F32_PARTS else self.compute
+            compute = "f32" if part in self.f32_parts else self.compute
             edits = list(self._edits.get(part, {}).values())
             edit = None if not edits else edits[0] if len(edits) == 1 else EditChain(edits)
             with self.observe(part, "load"):

@@ -16,14 +16,14 @@ from PIL import Image
 from sdlite import schedulers
 from sdlite.conditioning import TextConditioner
 from sdlite.denoiser import Denoiser, StepCallback, denoise, handoff_entry, schedule_start
-from sdlite.embeddings import EmbeddingLibrary, ti_hashes
+from sdlite.embeddings import ti_hashes
 from sdlite.engines import ENGINE_FORMATS, check_engine
 from sdlite.errors import InputError, check_finite
 from sdlite.family import make_family, text_conditioners
 from sdlite.finishing import Finisher, ModelFacts, SafetyChecker
 from sdlite.hashing import short_hash
 from sdlite.images import resize_to, to_pil, to_pixels, to_unit, working_size
-from sdlite.layout import SAFETY_CHECKER, TINY_VAE_DECODER, TINY_VAE_PARTS, text_encoders
+from sdlite.layout import SAFETY_CHECKER, SDXL_FAMILIES, TINY_VAE_DECODER, TINY_VAE_PARTS, text_encoders
 from sdlite.loras import LoraLibrary, LoraSet
 from sdlite.masks import check_extend, check_not_empty, masked_region, outpaint_canvas, paste_back, prepare_mask
 from sdlite.memory_guard import MemoryGuard, UNetShape
@@ -157,11 +157,6 @@ class Pipeline:
         # The checkpoint's safety checker runs by default when the folder has one (fp32 only, in the format
         # the engine prefers); safety_checker=False never loads it.
         self.safety_checker = safety_checker and bool(folder.variants(SAFETY_CHECKER))
-        self.embeddings = (
-            EmbeddingLibrary.load(embeddings, self.tokenizer.tokenize, self.tokenizer.vocab_size, folder.text_width)
-            if embeddings is not None
-            else None
-        )
 
         def graph(name: str) -> Path:
             if name == SAFETY_CHECKER:
@@ -170,11 +165,28 @@ class Pipeline:
                 return folder.graph(name, formats, folder.tiny_vae_precision(name, formats, precision))
             return folder.graph(name, formats, precision)
 
-        conditioners = text_conditioners(folder, graph, self.embeddings)
+        conditioners = text_conditioners(folder, graph, embeddings)
+        # The (first) text encoder's textual-inversion embeddings, None without an embeddings folder.
+        self.embeddings = conditioners[0][1].embeddings
         encoders = [name for name, _ in conditioners]
         edits = {name: c.graph_edit for name, c in conditioners if c.graph_edit is not None}
         budget = 0 if self.low_memory else None if memory_budget is None else int(memory_budget * (1 << 30))
-        self.parts = PartPool(graph, engine, device, threads, compute, budget_bytes=budget, edits=edits or None)
+        # SDXL's VAE overflows in fp16 (its config's force_upcast): on a device that computes in f16, it gets f32.
+        overflows = [
+            part
+            for part in ("vae_encoder", "vae_decoder")
+            if folder.family in SDXL_FAMILIES and folder.part_config(part).get("force_upcast", False)
+        ]
+        self.parts = PartPool(
+            graph,
+            engine,
+            device,
+            threads,
+            compute,
+            budget_bytes=budget,
+            edits=edits or None,
+            f32_parts=overflows if self.compute_precision == "f16" else (),
+        )
         self.loras = LoraSet(
             LoraLibrary(lora_dir) if lora_dir is not None else None,
             lambda part, edit: self.parts.set_edit(part, "lora", edit),

@@ -344,3 +344,65 @@ def test_cli_generates_with_refiner(recipes, tmp_path, capsys):
     assert "Refiner switch at: 0.6" in parameters and "Size: 64x64" in parameters
     assert main(["generate", "a cat", "-m", str(recipes["tiny-sdxl-refiner"][1]), "-o", str(tmp_path / "r.png")]) == 2
     assert "SDXL refiner" in capsys.readouterr().err
+
+
+def test_sdxl_embedding_matches_its_vectors_in_both_encoders(recipes, tmp_path):
+    """An SDXL textual-inversion embedding: clip_l rows in the first encoder's token table, clip_g rows in the
+    second's, at the same prompt positions; compared with the PyTorch encoders whose tables hold the same rows.
+    A one-encoder (SD 1.x) embedding on the SDXL model fails in one line naming it."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    save_file(
+        {"clip_l": rng.standard_normal((2, 32), np.float32), "clip_g": rng.standard_normal((2, 48), np.float32)},
+        tmp_path / "xlstyle.safetensors",
+    )
+    save_file({"emb_params": rng.standard_normal((2, 32), np.float32)}, tmp_path / "oldstyle.safetensors")
+    ours = Pipeline.load(recipes["tiny-sdxl"][1], embeddings=tmp_path)
+    reference = _reference("StableDiffusionXLPipeline", recipes["tiny-sdxl"][0])
+    encoders = (reference.text_encoder, reference.text_encoder_2)
+    for (_, conditioner), encoder in zip(ours.family.encoders, encoders, strict=True):
+        rows = conditioner.embeddings.rows
+        encoder.resize_token_embeddings(conditioner.embeddings.first_id + len(rows))
+        with torch.no_grad():
+            table = encoder.text_model.embeddings.token_embedding
+            table.weight[conditioner.embeddings.first_id :] = torch.from_numpy(rows)
+    prompt = "a (cat:1.2) in xlstyle"
+    context, pooled = _a1111_sdxl_conditioning(reference, ours.family.encoders, prompt)
+    latents = NoiseGenerator(2).randn((1, 4, 8, 8))
+    reference.scheduler = _scheduler("Euler")
+    expected = reference(
+        prompt_embeds=context,
+        pooled_prompt_embeds=pooled,
+        negative_prompt_embeds=torch.zeros_like(context),
+        negative_pooled_prompt_embeds=torch.zeros_like(pooled),
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        latents=torch.from_numpy(latents),
+        output_type="np",
+    ).images
+    got = ours.txt2img(prompt, steps=3, cfg_scale=5.0, sampler="Euler", seed=2, output_type="np", progress=False)
+    assert float(np.abs(got - expected).max()) < DECODED_ATOL
+    image = ours.txt2img(prompt, steps=1, seed=2, progress=False)[0]
+    assert "TI hashes: " in image.info["parameters"] and "xlstyle: " in image.info["parameters"]
+    with pytest.raises(InputError, match="oldstyle.*SDXL model needs clip_l and clip_g"):
+        ours.txt2img("a cat, oldstyle", steps=1, progress=False)
+
+
+def test_sdxl_vae_stays_fp32_in_fp16_variants_and_defaults_come_from_the_family(recipes, tmp_path):
+    """SDXL's VAE overflows in fp16 (force_upcast): its fp16 variant keeps fp32 weights and says so; the
+    manifest gives SDXL's CFG scale, and the U-Net's sample size gives 1024x1024 for the real model (64 here)."""
+    from sdlite.convert.converter import convert
+
+    out = tmp_path / "fp16"
+    convert(str(recipes["tiny-sdxl"][0]), out, precisions=["fp16"], quiet=True)
+    manifest = json.loads((out / "sdlite.json").read_text())
+    for part in ("vae_encoder", "vae_decoder"):
+        (variant,) = manifest["components"][part]
+        assert variant["precision"] == "fp16" and variant["kept"] == "fp32"
+    assert manifest["components"]["unet"][0]["kept"] is None
+    fp32_bytes = (recipes["tiny-sdxl"][1] / "vae_decoder" / "model.onnx").stat().st_size
+    assert (out / "vae_decoder" / "model.onnx").stat().st_size == fp32_bytes
+    assert manifest["defaults"] == {"cfg_scale": 5.0}
+    image = Pipeline.load(out).txt2img("a cat", steps=2, seed=1, progress=False)[0]
+    assert "CFG scale: 5," in image.info["parameters"] and image.size == (64, 64)
