@@ -87,3 +87,51 @@ def test_sdlite_folder_runs_in_optimum(ddim_reference, both_formats, runtime):
     assert np.max(np.abs(image - reference)) < ATOL
     # And sdlite itself, with the `cpu` noise source, draws the same latents as that torch generator.
     assert np.max(np.abs(_ours(both_formats, "onnx") - reference)) < ATOL
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory) -> tuple[Path, Path, np.ndarray]:
+    """The tiny SDXL recipe, sdlite's conversion of it (both formats) and diffusers' image."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from sdlite.convert.converter import convert
+    from sdlite.models.recipes import build
+
+    root = tmp_path_factory.mktemp("sdxl-interop")
+    source = build("tiny-sdxl", root / "source")
+    convert(str(source), root / "both", formats=["onnx", "openvino"], quiet=True)
+    reference = StableDiffusionXLPipeline.from_pretrained(source)
+    reference.set_progress_bar_config(disable=True)
+    image = reference(
+        PROMPT, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(SEED), output_type="np"
+    ).images
+    return source, root / "both", image
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_sdlite_sdxl_folder_runs_in_optimum(sdxl, runtime):
+    if runtime == "onnxruntime":
+        from optimum.onnxruntime import ORTStableDiffusionXLPipeline
+
+        pipe = ORTStableDiffusionXLPipeline.from_pretrained(sdxl[1])
+    else:
+        from optimum.intel import OVStableDiffusionXLPipeline
+
+        pipe = OVStableDiffusionXLPipeline.from_pretrained(sdxl[1], ov_config={"INFERENCE_PRECISION_HINT": "f32"})
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(
+        PROMPT, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(SEED), output_type="np"
+    ).images
+    assert np.max(np.abs(image - sdxl[2])) < ATOL
+
+
+@pytest.mark.parametrize(("kind", "extra"), [("onnx", []), ("openvino", ["--weight-format", "fp32"])])
+def test_optimum_sdxl_export_runs_in_sdlite(sdxl, tmp_path, kind, extra):
+    out = tmp_path / kind
+    command = [optimum_cli, "export", kind, "--model", str(sdxl[0]), "--task", "text-to-image", *extra, str(out)]
+    subprocess.run(command, check=True, capture_output=True)
+    pipe = Pipeline.load(out, engine="onnx" if kind == "onnx" else "openvino", compute="f32")
+    assert pipe.folder.family == "sdxl"
+    # diffusers' SDXL default: CFG 5 and the scheduler's own sampler (Euler).
+    image = pipe.txt2img(PROMPT, steps=STEPS, cfg_scale=5.0, seed=SEED, output_type="np", progress=False)
+    assert np.max(np.abs(image - sdxl[2])) < ATOL

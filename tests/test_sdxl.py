@@ -406,3 +406,53 @@ def test_sdxl_vae_stays_fp32_in_fp16_variants_and_defaults_come_from_the_family(
     assert manifest["defaults"] == {"cfg_scale": 5.0}
     image = Pipeline.load(out).txt2img("a cat", steps=2, seed=1, progress=False)[0]
     assert "CFG scale: 5," in image.info["parameters"] and image.size == (64, 64)
+
+
+def _random_lora(model, folder, name: str, prefixes) -> None:
+    """A small kohya-layout LoRA on the attention query layers of ``model``'s parts (part -> key prefix)."""
+    from safetensors.numpy import save_file
+
+    from sdlite.lora_graph import graph_layers
+    from sdlite.model_folder import ModelFolder
+
+    opened, state = ModelFolder.open(model), {}
+    rng = np.random.default_rng(0)
+    for part, prefix in prefixes:
+        for path, (_, inputs, outputs, _) in graph_layers(opened.graph(part, ("onnx",), "fp32"), part).items():
+            if path.endswith(("to_q", "q_proj")):
+                key = prefix + path.replace(".", "_")
+                state[f"{key}.lora_down.weight"] = rng.standard_normal((4, inputs), np.float32).astype(np.float16)
+                state[f"{key}.lora_up.weight"] = (rng.standard_normal((outputs, 4), np.float32) * 0.01).astype(
+                    np.float16
+                )
+    save_file(state, str(folder / f"{name}.safetensors"))
+
+
+def test_lora_of_the_other_family_is_one_clear_error(recipes, tiny_onnx, tmp_path, capsys):
+    """An SDXL LoRA (lora_te1_/lora_te2_/lora_unet_) applies on the SDXL model; on an SD 1.5 folder, and an SD 1.5
+    LoRA on the SDXL folder, each is one line naming the LoRA, exit 2."""
+    sdxl = recipes["tiny-sdxl"][1]
+    _random_lora(
+        sdxl, tmp_path, "xl", (("unet", "lora_unet_"), ("text_encoder", "lora_te1_"), ("text_encoder_2", "lora_te2_"))
+    )
+    _random_lora(tiny_onnx, tmp_path, "sd", (("unet", "lora_unet_"), ("text_encoder", "lora_te_")))
+    image = Pipeline.load(sdxl, lora_dir=tmp_path).txt2img("a cat <lora:xl:0.7>", steps=1, progress=False)[0]
+    assert 'Lora hashes: "xl: ' in image.info["parameters"]
+    for model, name in ((tiny_onnx, "xl"), (sdxl, "sd")):
+        code = main(
+            [
+                "generate",
+                f"a cat <lora:{name}:1>",
+                "-m",
+                str(model),
+                "--lora-dir",
+                str(tmp_path),
+                "--steps",
+                "1",
+                "-o",
+                str(tmp_path / "x.png"),
+            ]
+        )
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.count("\n") == 0 and f"LoRA '{name}'" in err and "family" in err
+    assert not (tmp_path / "x.png").exists()
