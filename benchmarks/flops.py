@@ -113,6 +113,8 @@ def _call_shape(name: str, dims: list[int], call: tuple[int, int, int, int]) -> 
         return [batch, context_length, dims[2]]
     if name == "timestep":
         return [batch] if len(dims) == 1 else []
+    if name in ("text_embeds", "time_ids", "timestep_cond"):  # SDXL's added conditioning, LCM's guidance
+        return [batch, dims[1]]
     return None
 
 

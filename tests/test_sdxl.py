@@ -456,3 +456,23 @@ def test_lora_of_the_other_family_is_one_clear_error(recipes, tiny_onnx, tmp_pat
         err = capsys.readouterr().err.strip()
         assert code == 2 and err.count("\n") == 0 and f"LoRA '{name}'" in err and "family" in err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_unet_flops_count_the_sdxl_unet(recipes):
+    """The benchmark's FLOP count (and with it the machine-limit column) on the SDXL U-Net, with its added
+    conditioning inputs: equal to torch's FlopCounterMode with attention as explicit matrix products."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sdlite.benchmarks.flops import unet_flops
+
+    source, converted = recipes["tiny-sdxl"]
+    unet = UNet2DConditionModel.from_pretrained(source / "unet")
+    unet.set_attn_processor(AttnProcessor())
+    added = {"text_embeds": torch.zeros(2, 48), "time_ids": torch.full((2, 6), 64.0)}
+    context = torch.zeros(2, 77, unet.config.cross_attention_dim)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(torch.zeros(2, 4, 8, 8), torch.tensor(10.0), context, added_cond_kwargs=added)
+    for graph in ("model.onnx", "openvino_model.xml"):
+        assert unet_flops(converted / "unet" / graph, 2, 64, 64) == counter.get_total_flops()
