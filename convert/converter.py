@@ -509,12 +509,9 @@ def convert(
     weights = {name: _weight_bytes(getattr(pipe, "vae" if name.startswith("vae") else name)) for name in names}
     # SDXL's VAE overflows in fp16 (its config's force_upcast, which diffusers honours by decoding in fp32).
     overflows = bool(getattr(pipe.vae.config, "force_upcast", False)) and family in SDXL_FAMILIES
-    parts = {
-        name: _Part(
-            part_spec(name, pipe), pipe, jobs, precisions, attention, weights[name], name.startswith("vae") and overflows
-        )
-        for name in names
-    }
+    parts = {name: _Part(part_spec(name, pipe), pipe, jobs, precisions, attention, weights[name]) for name in names}
+    for name in ("vae_encoder", "vae_decoder"):
+        parts[name].fp16_overflows = overflows
     if loaded.safety_checker is not None:
         # The safety checker only decides whether to black an image out: it is exported in fp32 only, in
         # each format, so that a reduced precision can never flip its decision near a threshold.

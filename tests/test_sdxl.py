@@ -173,24 +173,30 @@ def _a1111_sdxl_conditioning(pipe, conditioners, prompt: str, clip_skip: int = 1
     return torch.from_numpy(np.concatenate(contexts, axis=-1)), torch.from_numpy(pooled)
 
 
+def _euler_from_conditioning(reference, conditioning, steps: int, cfg: float, seed: int) -> np.ndarray:
+    """diffusers' SDXL pipeline (Euler, sdlite's noise for ``seed``) on a given (context, pooled) conditioning,
+    with the zero negative conditioning an empty negative prompt gets."""
+    context, pooled = conditioning
+    reference.scheduler = _scheduler("Euler")
+    return reference(
+        prompt_embeds=context,
+        pooled_prompt_embeds=pooled,
+        negative_prompt_embeds=torch.zeros_like(context),
+        negative_pooled_prompt_embeds=torch.zeros_like(pooled),
+        num_inference_steps=steps,
+        guidance_scale=cfg,
+        latents=torch.from_numpy(NoiseGenerator(seed).randn((1, 4, 8, 8))),
+        output_type="np",
+    ).images
+
+
 @pytest.mark.parametrize("clip_skip", [1, 2])
 def test_long_weighted_prompt_matches_a1111_conditioning_in_diffusers(clip_skip, base, reference):
     """A prompt of several 77-token chunks with emphasis, through both encoders, at clip skip 1 (SDXL's
     penultimate layer) and 2: the conditioning A1111 computes, given to diffusers' pipeline."""
     assert len(base.family.conditioner.chunks(LONG_PROMPT)) >= 2
-    context, pooled = _a1111_sdxl_conditioning(reference, base.family.encoders, LONG_PROMPT, clip_skip)
-    latents = NoiseGenerator(9).randn((1, 4, 8, 8))
-    reference.scheduler = _scheduler("Euler")
-    expected = reference(
-        prompt_embeds=context,
-        pooled_prompt_embeds=pooled,
-        negative_prompt_embeds=torch.zeros_like(context),
-        negative_pooled_prompt_embeds=torch.zeros_like(pooled),
-        num_inference_steps=4,
-        guidance_scale=6.0,
-        latents=torch.from_numpy(latents),
-        output_type="np",
-    ).images
+    conditioning = _a1111_sdxl_conditioning(reference, base.family.encoders, LONG_PROMPT, clip_skip)
+    expected = _euler_from_conditioning(reference, conditioning, steps=4, cfg=6.0, seed=9)
     got = base.txt2img(
         LONG_PROMPT,
         steps=4,
@@ -368,19 +374,8 @@ def test_sdxl_embedding_matches_its_vectors_in_both_encoders(recipes, tmp_path):
             table = encoder.text_model.embeddings.token_embedding
             table.weight[conditioner.embeddings.first_id :] = torch.from_numpy(rows)
     prompt = "a (cat:1.2) in xlstyle"
-    context, pooled = _a1111_sdxl_conditioning(reference, ours.family.encoders, prompt)
-    latents = NoiseGenerator(2).randn((1, 4, 8, 8))
-    reference.scheduler = _scheduler("Euler")
-    expected = reference(
-        prompt_embeds=context,
-        pooled_prompt_embeds=pooled,
-        negative_prompt_embeds=torch.zeros_like(context),
-        negative_pooled_prompt_embeds=torch.zeros_like(pooled),
-        num_inference_steps=3,
-        guidance_scale=5.0,
-        latents=torch.from_numpy(latents),
-        output_type="np",
-    ).images
+    conditioning = _a1111_sdxl_conditioning(reference, ours.family.encoders, prompt)
+    expected = _euler_from_conditioning(reference, conditioning, steps=3, cfg=5.0, seed=2)
     got = ours.txt2img(prompt, steps=3, cfg_scale=5.0, sampler="Euler", seed=2, output_type="np", progress=False)
     assert float(np.abs(got - expected).max()) < DECODED_ATOL
     image = ours.txt2img(prompt, steps=1, seed=2, progress=False)[0]
