@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sdlite.layout import TEXT_ENCODER_2, vae_factor
+from sdlite.family import sdxl_time_ids
+from sdlite.layout import TEXT_ENCODER_2, sdxl_time_id_count, vae_factor
 
 # Opset 17 has LayerNormalization as one op (fused by onnxruntime and OpenVINO); every runtime sdlite
 # targets (onnxruntime >= 1.14, OpenVINO >= 2023.0) supports it.
@@ -196,25 +197,16 @@ def _unet_inputs(pipe, size: ExportSize) -> dict[str, torch.Tensor]:
     }
 
 
-def sdxl_time_id_count(unet_config, pooled_width: int) -> int:
-    """Time ids an SDXL U-Net takes: its added embedding reads the pooled text embedding (``pooled_width``) and
-    ``addition_time_embed_dim`` numbers per id: 6 for the base model (original size, crop top-left, target size),
-    5 for the refiner (original size, crop top-left, aesthetic score)."""
-    return (unet_config.projection_class_embeddings_input_dim - pooled_width) // unet_config.addition_time_embed_dim
-
-
 def _sdxl_unet_inputs(pipe, size: ExportSize) -> dict[str, torch.Tensor]:
     inputs = _unet_inputs(pipe, size)
     gen = torch.Generator().manual_seed(size.height + 2)
     pooled = pipe.text_encoder_2.config.projection_dim
-    count = sdxl_time_id_count(pipe.unet.config, pooled)
-    # Sizes in pixels and crop offsets (the refiner's fifth: an aesthetic score): realistic magnitudes.
-    h, w = float(size.height), float(size.width)
-    time_ids = [h, w, 0.0, 0.0, h, w] if count == 6 else [h, w, 0.0, 0.0, 6.0][:count]
+    # The time ids the runtime gives an image of this size: realistic magnitudes, not noise.
+    time_ids = sdxl_time_ids(size.width, size.height, sdxl_time_id_count(pipe.unet.config, pooled))
     return {
         **inputs,
         "text_embeds": torch.randn(size.batch, pooled, generator=gen),
-        "time_ids": torch.tensor(time_ids).repeat(size.batch, 1),
+        "time_ids": torch.from_numpy(time_ids).repeat(size.batch, 1),
     }
 
 

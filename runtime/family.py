@@ -20,7 +20,7 @@ from sdlite.conditioning import TextConditioner
 from sdlite.embeddings import EmbeddingLibrary
 from sdlite.engines import Engine
 from sdlite.errors import check_finite
-from sdlite.layout import SDXL_FAMILIES, TEXT_ENCODER_2, text_encoders
+from sdlite.layout import SDXL_FAMILIES, TEXT_ENCODER_2, sdxl_time_id_count, text_encoders
 from sdlite.model_folder import ModelFolder
 from sdlite.request import GenerationRequest
 
@@ -95,8 +95,8 @@ def sdxl_time_ids(width: int, height: int, count: int, aesthetic_score: float = 
     """SDXL's micro-conditioning for an image of ``width`` x ``height`` (Podell et al. 2023, sec. 2.2), (1, count):
     original size and target size (height, width) both the image's, crop top-left (0, 0), as diffusers and A1111
     set them by default; the refiner's ``count`` = 5 has the aesthetic score in place of the target size."""
-    ids = [height, width, 0, 0, height, width] if count == 6 else [height, width, 0, 0, aesthetic_score]
-    return np.asarray([ids[:count]], dtype=np.float32)
+    last = (height, width) if count == 6 else (aesthetic_score,)
+    return np.asarray([[height, width, 0, 0, *last]], dtype=np.float32)
 
 
 class SdxlFamily:
@@ -194,9 +194,9 @@ def text_conditioners(
         tokenizer = folder.tokenizer(name)
         library = None
         if embeddings is not None:
-            width = folder.part_config(name).get("hidden_size")
+            width = folder.part_config(name).get("hidden_size") if sdxl else folder.text_width
+            width = width if isinstance(width, int) else None
             key = _SDXL_EMBEDDING_KEYS[name] if sdxl else None
-            width = width if isinstance(width, int) else None if sdxl else folder.text_width
             library = EmbeddingLibrary.load(embeddings, tokenizer.tokenize, tokenizer.vocab_size, width, key)
         conditioners.append((name, TextConditioner(tokenizer, graph(name), library, penultimate=sdxl)))
     return conditioners
@@ -213,6 +213,8 @@ def make_family(
     if folder.family not in SDXL_FAMILIES:
         return StableDiffusionFamily(conditioners[0][1], part, done, unet.get("time_cond_proj_dim"))
     pooled = folder.part_config(TEXT_ENCODER_2).get("projection_dim")
-    total, per_id = unet.get("projection_class_embeddings_input_dim"), unet.get("addition_time_embed_dim")
-    time_ids = (total - pooled) // per_id if all(isinstance(v, int) for v in (pooled, total, per_id)) else 6
+    try:
+        time_ids = sdxl_time_id_count(unet, pooled)
+    except (KeyError, TypeError):  # a folder whose configs do not say: the base model's six
+        time_ids = 6
     return SdxlFamily(conditioners, part, done, time_ids, folder.force_zeros_for_empty_prompt)

@@ -9,7 +9,7 @@ facts from here, so that they cannot drift apart.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from sdlite.errors import InputError
@@ -98,7 +98,6 @@ LATENT_CHANNELS = 4
 # Text-encoder (= U-Net cross-attention) width -> family: SD 2.x conditions on OpenCLIP ViT-H (1024 wide), SD 1.x
 # on CLIP ViT-L (768), and sdlite's toy models, narrower, follow SD 1.x's layout.
 _SD2_WIDTH = 1024
-FAMILIES = ("sd15", "sd2", "sdxl", "sdxl-refiner")
 SDXL_FAMILIES = ("sdxl", "sdxl-refiner")
 
 
@@ -108,6 +107,14 @@ def family_of(unet_config: dict, has_text_encoder: bool = True) -> str:
     if unet_config.get("addition_embed_type") == "text_time":
         return "sdxl" if has_text_encoder else "sdxl-refiner"
     return "sd2" if unet_config.get("cross_attention_dim") == _SD2_WIDTH else "sd15"
+
+
+def sdxl_time_id_count(unet_config: Mapping, pooled_width: int) -> int:
+    """Time ids an SDXL U-Net takes: its added embedding reads the pooled text embedding (``pooled_width``) and
+    ``addition_time_embed_dim`` numbers per id: 6 for the base model (original size, crop top-left, target size),
+    5 for the refiner (original size, crop top-left, aesthetic score)."""
+    total, per_id = unet_config["projection_class_embeddings_input_dim"], unet_config["addition_time_embed_dim"]
+    return (total - pooled_width) // per_id
 
 
 def family_parts(family: str) -> tuple[str, ...]:

@@ -238,13 +238,8 @@ class ModelFolder:
             raise InputError(f"{folder}: unusable tokenizer ({exc})") from None
 
     @property
-    def tokenizer_dir(self) -> Path:
-        """The (first) tokenizer folder (vocab.json, merges.txt, ...)."""
-        return self.path / (TOKENIZER_2_DIR if self.family == "sdxl-refiner" else TOKENIZER_DIR)
-
-    @property
     def family(self) -> str:
-        """The model family (``sdlite.layout.FAMILIES``)."""
+        """The model family: sd15, sd2, sdxl or sdxl-refiner (``sdlite.layout.family_of``)."""
         return self.manifest.family
 
     @property

@@ -23,7 +23,7 @@ from sdlite.family import make_family, text_conditioners
 from sdlite.finishing import Finisher, ModelFacts, SafetyChecker
 from sdlite.hashing import short_hash
 from sdlite.images import resize_to, to_pil, to_pixels, to_unit, working_size
-from sdlite.layout import SAFETY_CHECKER, SDXL_FAMILIES, TINY_VAE_DECODER, TINY_VAE_PARTS, text_encoders
+from sdlite.layout import SAFETY_CHECKER, SDXL_FAMILIES, TINY_VAE_DECODER, TINY_VAE_PARTS
 from sdlite.loras import LoraLibrary, LoraSet
 from sdlite.masks import check_extend, check_not_empty, masked_region, outpaint_canvas, paste_back, prepare_mask
 from sdlite.memory_guard import MemoryGuard, UNetShape
@@ -149,7 +149,6 @@ class Pipeline:
         self.compute = compute
         self.low_memory = low_memory or memory_budget == 0
         self.threads = threads
-        self.tokenizer = folder.tokenizer(text_encoders(folder.family)[0])
         formats = ENGINE_FORMATS[engine]
         unet = folder.variant("unet", formats, precision)
         # ToMe, when the U-Net was converted with it, changes the image: the infotext says so (as A1111's).
@@ -166,7 +165,8 @@ class Pipeline:
             return folder.graph(name, formats, precision)
 
         conditioners = text_conditioners(folder, graph, embeddings)
-        # The (first) text encoder's textual-inversion embeddings, None without an embeddings folder.
+        # The (first) text encoder's tokenizer and textual-inversion embeddings (None without an embeddings folder).
+        self.tokenizer = conditioners[0][1].tokenizer
         self.embeddings = conditioners[0][1].embeddings
         encoders = [name for name, _ in conditioners]
         edits = {name: c.graph_edit for name, c in conditioners if c.graph_edit is not None}
