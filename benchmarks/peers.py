@@ -2,12 +2,13 @@
 
     python -m sdlite.benchmarks.peers --source DIFFUSERS_FOLDER [-m CONVERTED] [--size 512x512] [--steps 20]
 
-Peers: diffusers on PyTorch CPU (fp32); optimum-intel's ``OVStableDiffusionPipeline`` with fp32 weights and
-with int8 weights, reshaped to static shapes, and the same pipeline on the model folder's own fp16 OpenVINO IR
-(which optimum-intel loads as it is: no export, the same graphs sdlite's fp16 rows run); optimum's
-``ORTStableDiffusionPipeline``. With ``--vae taesd`` every peer decodes with the model folder's OpenVINO TAESD
-decoder in place of its VAE decoder, as FastSD CPU runs optimum-intel. Each runs in its own
-process (see :mod:`sdlite.benchmarks.runner`), with its text encoder, U-Net and VAE decoder calls timed by
+Peers, each the pipeline class of the folder's family (SD 1.x/2.x or SDXL): diffusers on PyTorch CPU (fp32);
+optimum-intel's ``OVDiffusionPipeline`` on its default export (fp32 weights, but int8 ones for parts over a billion
+parameters: SDXL's U-Net) and on its int8-weight export, reshaped to static shapes, and the same pipeline on the
+model folder's own fp16 OpenVINO IR (which optimum-intel loads as it is: no export, the same graphs sdlite's fp16
+rows run); optimum's ``ORTDiffusionPipeline``. With ``--vae taesd`` every peer decodes with the model folder's
+OpenVINO TAESD decoder in place of its VAE decoder, as FastSD CPU runs optimum-intel. Each runs in its own
+process (see :mod:`sdlite.benchmarks.runner`), with its text encoders', U-Net's and VAE decoder's calls timed by
 wrapping them, so the figures are measured exactly as sdlite's are. The optimum peers need their own export
 of the folder; it is made once (in a subprocess of its own, so it does not count in the peer's memory) and
 cached. Needs the ``bench`` extra.
@@ -27,34 +28,54 @@ import numpy as np
 from sdlite.benchmarks.stages import TEXT_ENCODER, UNET, VAE_DECODER, Stages
 
 DIFFUSERS = "diffusers-torch fp32"
-OV_FP32 = "optimum-openvino fp32"
+OV_DEFAULT = "optimum-openvino default"
 OV_INT8 = "optimum-openvino int8"
 ORT = "optimum-onnxruntime fp32"
 OV_IR = "optimum-openvino fp16-ir"
-PEERS = (DIFFUSERS, OV_FP32, OV_INT8, ORT, OV_IR)
+PEERS = (DIFFUSERS, OV_DEFAULT, OV_INT8, ORT, OV_IR)
 # The precision of the model folder's IR that OV_IR runs.
 IR_PRECISION = "fp16"
 # Peers that run an export of the folder, and which export.
-EXPORTS = {OV_FP32: "openvino-fp32", OV_INT8: "openvino-int8", ORT: "onnx"}
+EXPORTS = {OV_DEFAULT: "openvino", OV_INT8: "openvino-int8", ORT: "onnx"}
 
 
 def _diffusers(folder: str, threads: int):
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
     torch.set_num_threads(threads)
-    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, safety_checker=None)
+    pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, **_no_checker(folder))
     return pipe, {"compute": "f32"}
 
 
+def _no_checker(folder: str) -> dict:
+    """The keyword that leaves out a folder's safety checker, for pipelines that have one (sdlite's runs skip it)."""
+    return {"safety_checker": None} if "safety_checker" in _model_index(folder) else {}
+
+
+def _model_index(folder: str) -> dict:
+    import json
+
+    from sdlite.layout import MODEL_INDEX
+
+    return json.loads((Path(folder) / MODEL_INDEX).read_text())
+
+
+def _ort_class(folder: str):
+    """optimum's onnxruntime pipeline for the folder's family (its auto class cannot export a local folder)."""
+    from optimum.onnxruntime import ORTStableDiffusionPipeline, ORTStableDiffusionXLPipeline
+
+    return ORTStableDiffusionXLPipeline if "text_encoder_2" in _model_index(folder) else ORTStableDiffusionPipeline
+
+
 def _openvino(folder: str, threads: int, width: int, height: int, guided: bool = True):
-    from optimum.intel import OVStableDiffusionPipeline
+    from optimum.intel import OVDiffusionPipeline
 
     from sdlite.engines.openvino import compute_precision
     from sdlite.errors import summarize
 
     def load():
-        return OVStableDiffusionPipeline.from_pretrained(
+        return OVDiffusionPipeline.from_pretrained(
             folder, compile=False, ov_config={"INFERENCE_NUM_THREADS": str(threads), "CACHE_DIR": ""}
         )
 
@@ -78,11 +99,9 @@ def _openvino(folder: str, threads: int, width: int, height: int, guided: bool =
 
 def _onnxruntime(folder: str, threads: int):
     import onnxruntime
-    from optimum.onnxruntime import ORTStableDiffusionPipeline
-
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
-    pipe = ORTStableDiffusionPipeline.from_pretrained(folder, provider="CPUExecutionProvider", session_options=options)
+    pipe = _ort_class(folder).from_pretrained(folder, provider="CPUExecutionProvider", session_options=options)
     return pipe, {"compute": "f32"}
 
 
@@ -91,7 +110,7 @@ def load_peer(name: str, folder: str, threads: int, width: int, height: int, gui
     export of the diffusers folder)."""
     if name == DIFFUSERS:
         return _diffusers(folder, threads)
-    if name in (OV_FP32, OV_INT8, OV_IR):
+    if name in (OV_DEFAULT, OV_INT8, OV_IR):
         return _openvino(folder, threads, width, height, guided)
     if name == ORT:
         return _onnxruntime(folder, threads)
@@ -101,14 +120,15 @@ def load_peer(name: str, folder: str, threads: int, width: int, height: int, gui
 def ir_view(model: Path, precision: str, out: Path) -> Path:
     """A folder in optimum-intel's layout whose parts are links to the ``precision`` OpenVINO IR of the converted
     model at ``model`` (each part's folder holds one precision at its top level, where optimum-intel looks)."""
-    from sdlite.layout import CONFIG_NAME, MODEL_INDEX, PARTS, SCHEDULER_CONFIG, TOKENIZER_DIR
+    from sdlite.layout import CONFIG_NAME, MODEL_INDEX, SCHEDULER_CONFIG, TOKENIZER_2_DIR, TOKENIZER_DIR, family_parts
     from sdlite.model_folder import ModelFolder
 
     folder = ModelFolder.open(model)
     out.mkdir(parents=True)
-    for name in (MODEL_INDEX, TOKENIZER_DIR, SCHEDULER_CONFIG.parent):
-        (out / name).symlink_to((folder.path / name).resolve())
-    for part in PARTS:
+    for name in (MODEL_INDEX, TOKENIZER_DIR, TOKENIZER_2_DIR, SCHEDULER_CONFIG.parent):
+        if (folder.path / name).exists():
+            (out / name).symlink_to((folder.path / name).resolve())
+    for part in family_parts(folder.family):
         (out / part).mkdir()
         (out / part / CONFIG_NAME).symlink_to((folder.path / part / CONFIG_NAME).resolve())
         graph = folder.graph(part, ("openvino",), precision if part == "unet" else _near(folder, part, precision))
@@ -151,8 +171,10 @@ def taesd_decoder(model: str, threads: int):
 
 
 def _instrument(pipe, stages: Stages) -> None:
-    """Time the peer's stages by wrapping its text encoder's and U-Net's forward and its VAE's decode."""
-    pipe.text_encoder.forward = stages.timed(TEXT_ENCODER, pipe.text_encoder.forward)
+    """Time the peer's stages by wrapping its text encoders' and U-Net's forward and its VAE's decode."""
+    for encoder in (getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2")):
+        if encoder is not None:
+            encoder.forward = stages.timed(TEXT_ENCODER, encoder.forward)
     pipe.unet.forward = stages.timed(UNET, pipe.unet.forward)
     pipe.vae.decode = stages.timed(VAE_DECODER, pipe.vae.decode)
 
@@ -199,22 +221,18 @@ def run_peer(job) -> dict:
 
 
 def export(kind: str, source: str, out: Path) -> dict:
-    """Export the diffusers folder ``source`` the way optimum does for ``kind`` (onnx, openvino-fp32,
-    openvino-int8) into ``out``, atomically (a sibling temporary folder renamed at the end)."""
+    """Export the diffusers folder ``source`` the way optimum does for ``kind`` (onnx; openvino, optimum-intel's
+    default; openvino-int8) into ``out``, atomically (a sibling temporary folder renamed at the end)."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     start = time.perf_counter()
     if kind == "onnx":
-        from optimum.onnxruntime import ORTStableDiffusionPipeline
-
-        ORTStableDiffusionPipeline.from_pretrained(source, export=True).save_pretrained(tmp)
+        _ort_class(source).from_pretrained(source, export=True).save_pretrained(tmp)
     else:
-        from optimum.intel import OVStableDiffusionPipeline, OVWeightQuantizationConfig
+        from optimum.intel import OVDiffusionPipeline, OVWeightQuantizationConfig
 
         quantization = OVWeightQuantizationConfig(bits=8) if kind == "openvino-int8" else None
-        pipe = OVStableDiffusionPipeline.from_pretrained(
-            source, export=True, compile=False, quantization_config=quantization
-        )
+        pipe = OVDiffusionPipeline.from_pretrained(source, export=True, compile=False, quantization_config=quantization)
         pipe.save_pretrained(tmp)
     tmp.rename(out)
     return {"status": "ok", "export_s": time.perf_counter() - start}

@@ -15,12 +15,24 @@ CALIBRATION_PROMPTS = (
     "portrait of an old man, detailed, studio lighting",
 )
 CALIBRATION_STEPS = 5
+# Calibration images are at most 64x64 latent cells (512x512 for SD's VAE): NNCF's statistics run holds each
+# sample's quantizer inputs, which grow with the latent area (at SDXL's 128x128 cells, four times 512x512's).
+# SDXL's ranges are then fitted at 512x512, the size SDXL-Turbo runs at; at 1024x1024 the same layers see
+# larger activation maps.
+CALIBRATION_MAX_CELLS = 64
+
+
+def calibration_cells(sample_size: int) -> int:
+    """The latent side of the calibration images for a U-Net of native ``sample_size`` latent cells."""
+    return min(sample_size, CALIBRATION_MAX_CELLS)
 
 
 def calibration_inputs(pipe, quiet: bool = True) -> list[dict[str, np.ndarray]]:
     """Run ``pipe`` (diffusers, PyTorch) on the calibration prompts and return every U-Net input it saw,
     named as the exported U-Net's inputs."""
     import torch
+
+    side = calibration_cells(pipe.unet.config.sample_size) * pipe.vae_scale_factor
 
     records: list[dict[str, np.ndarray]] = []
 
@@ -50,6 +62,8 @@ def calibration_inputs(pipe, quiet: bool = True) -> list[dict[str, np.ndarray]]:
             pipe(
                 prompt,
                 num_inference_steps=CALIBRATION_STEPS,
+                height=side,
+                width=side,
                 generator=torch.Generator().manual_seed(index),
                 output_type="latent",
             )

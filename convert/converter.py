@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from sdlite.convert.attention import ATTENTION_VARIANTS, fuse_onnx_attention, set_attention
-from sdlite.convert.calibration import calibration_inputs
+from sdlite.convert.calibration import calibration_cells, calibration_inputs
 from sdlite.convert.geglu import split_geglu
 from sdlite.convert.journal import Journal, work_dir
 from sdlite.convert.loading import TinyVae, load_checkpoint, load_tiny_vae, quiet_diffusers
@@ -145,6 +145,8 @@ class _Part:
     precisions: list[str]
     attention: str
     weight_bytes: int
+    # Of which convolution kernels (the memory plan's int8-IR validation unpacks them to float32).
+    conv_bytes: int = 0
     # Kept in fp32 where fp16 is asked for: the part overflows in fp16 (SDXL's VAE: its config's force_upcast).
     fp16_overflows: bool = False
 
@@ -161,8 +163,10 @@ class _Base:
     calibration: list[dict[str, np.ndarray]] | None
 
 
-def _weight_bytes(module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
+def _weight_sizes(module) -> tuple[int, int]:
+    """The module's weight bytes, and those of its convolution kernels."""
+    sizes = [(p.numel() * p.element_size(), p.dim() == 4) for p in module.parameters()]
+    return sum(size for size, _ in sizes), sum(size for size, conv in sizes if conv)
 
 
 def _part_precision(part: str, precision: str) -> str:
@@ -297,7 +301,9 @@ class _Run:
         last_user = {"text_encoder": "unet", TEXT_ENCODER_2: "unet", "unet": "unet", "vae": "vae_decoder"}
         components, failures = {}, []
         for name, part in parts.items():
-            base = self.export_base(name, part, (trace, check), _calibrates(name, part))
+            # A part whose variants are all finished (a resumed conversion) needs no exports any more.
+            done = all(journal.finished(f"{name}/{fmt}/{precision}") is not None for fmt, precision in part.jobs)
+            base = None if done else self.export_base(name, part, (trace, check), _calibrates(name, part))
             meter.advance(units[(name, "fp32", "export")] + units.get((name, "w8a8", "calibrate"), 0))
             # The part's module (or the wrapper around it) goes with its export; the pipeline keeps a module
             # only until its last part is exported (the U-Net's calibration runs the text encoder).
@@ -307,9 +313,9 @@ class _Run:
                     setattr(pipe, module_name, None)
             if name == SAFETY_CHECKER:
                 self.loaded.safety_checker = None
-            if base.openvino is not None:
+            if base is not None and base.openvino is not None:
                 self.convert_base_to_openvino(name, part, base)
-                meter.advance(units[(name, "fp32 openvino", "openvino")])
+            meter.advance(units.get((name, "fp32 openvino", "openvino"), 0))
             variants = []
             for fmt, precision in part.jobs:
                 label = f"{fmt} {precision}"
@@ -376,6 +382,10 @@ class _Run:
                     )
                 )
             components[name] = variants
+            # Its fp32 exports (an SDXL U-Net's ONNX graph and IR: 20 GB) leave the disk with the part; the
+            # variants made from them are hard links or files of their own.
+            for scratch in (f"{name}", f"{name}-ir", f"{name}-plain", f"{name}-arrays"):
+                shutil.rmtree(root / ".base" / scratch, ignore_errors=True)
         if failures:
             raise ValidationError("export out of tolerance: " + "; ".join(failures))
         return components
@@ -407,7 +417,7 @@ def _plan(parts: dict[str, _Part], formats: list[str], latent_cells: int, valida
     """Every step of the conversion with its estimated peak and time (see ``sdlite.convert.memory_plan``)."""
     steps = []
     for name, part in parts.items():
-        w = part.weight_bytes
+        w, c = part.weight_bytes, part.conv_bytes
         steps.append(make_step(name, "fp32", "export", w))
         if _calibrates(name, part):
             steps.append(make_step(name, "w8a8", "calibrate", w, latent_cells))
@@ -415,9 +425,9 @@ def _plan(parts: dict[str, _Part], formats: list[str], latent_cells: int, valida
             steps.append(make_step(name, "fp32 openvino", "openvino", w))
         for fmt, precision in part.jobs:
             label = f"{fmt} {precision}"
-            steps.append(make_step(name, label, _kind(name, fmt, precision), w, latent_cells))
+            steps.append(make_step(name, label, _kind(name, fmt, precision), w, latent_cells, c))
             if validate:
-                steps.append(make_step(name, label, _validate_kind(name, fmt, precision), w))
+                steps.append(make_step(name, label, _validate_kind(name, fmt, precision), w, conv_bytes=c))
     return steps
 
 
@@ -506,10 +516,10 @@ def convert(
     ]
     # Sizes only: a reference to a module here would keep it loaded after its part is done.
     names = family_parts(family)
-    weights = {name: _weight_bytes(getattr(pipe, "vae" if name.startswith("vae") else name)) for name in names}
+    weights = {name: _weight_sizes(getattr(pipe, "vae" if name.startswith("vae") else name)) for name in names}
     # SDXL's VAE overflows in fp16 (its config's force_upcast, which diffusers honours by decoding in fp32).
     overflows = bool(getattr(pipe.vae.config, "force_upcast", False)) and family in SDXL_FAMILIES
-    parts = {name: _Part(part_spec(name, pipe), pipe, jobs, precisions, attention, weights[name]) for name in names}
+    parts = {name: _Part(part_spec(name, pipe), pipe, jobs, precisions, attention, *weights[name]) for name in names}
     for name in ("vae_encoder", "vae_decoder"):
         parts[name].fp16_overflows = overflows
     if loaded.safety_checker is not None:
@@ -522,15 +532,15 @@ def convert(
             [(fmt, "fp32") for fmt in formats],
             ["fp32"],
             "plain",
-            _weight_bytes(checker),
+            *_weight_sizes(checker),
         )
     if tiny is not None:
         tiny_precisions = ["fp32", *(["fp16"] if set(precisions) - {"fp32"} else [])]
         tiny_jobs = [(fmt, precision) for precision in tiny_precisions for fmt in formats]
         for name in TINY_VAE_PARTS:
             spec = part_spec(name, tiny.vae)
-            parts[name] = _Part(spec, tiny.vae, tiny_jobs, tiny_precisions, "plain", _weight_bytes(tiny.vae))
-    latent_cells = pipe.unet.config.sample_size**2
+            parts[name] = _Part(spec, tiny.vae, tiny_jobs, tiny_precisions, "plain", *_weight_sizes(tiny.vae))
+    latent_cells = calibration_cells(pipe.unet.config.sample_size) ** 2
     steps = _plan(parts, formats, latent_cells, validate)
     budget = memory_budget_gb * GB if memory_budget_gb is not None else default_budget()
     check_plan(steps, budget, given=memory_budget_gb is not None)

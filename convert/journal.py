@@ -4,7 +4,9 @@ A conversion builds its folder in a work folder beside the output (``.NAME.sdlit
 only when everything is written and validated. The journal (``journal.json`` in the work folder) records each
 finished step with the sha256 of every file it wrote; ``--resume`` keeps a step whose files are all still there
 with those hashes and redoes the rest. The journal also records the options the conversion was started with:
-resuming with other options is refused, since the kept files would not be what was asked for.
+resuming with other options is refused, since the kept files would not be what was asked for, except fewer
+precisions: a conversion that cannot finish one (a W8A8 run killed for memory) is finished without it, and that
+precision's finished variants are removed.
 """
 
 from __future__ import annotations
@@ -45,13 +47,29 @@ class Journal:
                 state = json.loads(path.read_text())
             except (OSError, ValueError):
                 state = {}
-            if state.get("options") != options:
+            old = state.get("options") or {}
+            before, now = set(old.get("precisions") or []), set(options.get("precisions") or [])
+            dropped = before - now
+            if {**old, "precisions": options.get("precisions")} == options and now and now <= before:
+                state["steps"] = self._without(state.get("steps", {}), dropped)
+            elif old != options:
                 raise InputError(
                     f"--resume: {root} holds a conversion started with other options or another source "
                     f"({_difference(state.get('options') or {}, options)}); run without --resume to start again"
                 )
             self.steps = state.get("steps", {})
         self._write()
+
+    def _without(self, steps: dict[str, dict], precisions: set[str]) -> dict[str, dict]:
+        """``steps`` less the variants of ``precisions`` (``part/format/precision``), whose files are deleted."""
+        kept = {}
+        for step, record in steps.items():
+            if step.count("/") == 2 and step.rsplit("/", 1)[1] in precisions:
+                for name in record["files"]:
+                    (self.root / name).unlink(missing_ok=True)
+            else:
+                kept[step] = record
+        return kept
 
     def finished(self, step: str) -> dict | None:
         """The record of ``step`` if it finished and every file it wrote is intact, else None."""

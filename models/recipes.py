@@ -17,6 +17,8 @@ added conditioning on the pooled text embedding and six size/crop numbers) at to
 ``tiny-sdxl-refiner``: the SDXL refiner's layout (only the second text encoder; five time ids, the last an
 aesthetic score), a diffusers ``StableDiffusionXLImg2ImgPipeline``. ``tiny-sdxl-inpaint``: ``tiny-sdxl`` with a
 9-channel inpainting U-Net (``StableDiffusionXLInpaintPipeline``).
+``sdxl-random``: the full SDXL base architecture (2.57B-parameter U-Net, both text encoders, the VAE) with random
+weights, for speed and memory figures (14 GB on disk in float32).
 ``tiny-taesd``: a tiny autoencoder (diffusers' AutoencoderTiny) with TAESD's own architecture, which is small
 already, and random weights: convert it beside a model with ``sdlite convert --tiny-vae``.
 """
@@ -162,6 +164,28 @@ RECIPES: dict[str, Widths] = {
         text_layers=12,
         text_heads=12,
         sample_size=64,
+    ),
+    # stabilityai/stable-diffusion-xl-base-1.0's configs: three U-Net levels with 0, 2 and 10 transformer blocks,
+    # 64-wide heads, OpenAI CLIP ViT-L and OpenCLIP ViT-bigG text encoders, 256-wide time-id embeddings.
+    "sdxl-random": Widths(
+        unet_channels=(320, 640, 1280),
+        unet_layers=2,
+        unet_head_dim=64,
+        unet_groups=32,
+        vae_channels=(128, 256, 512, 512),
+        vae_layers=2,
+        vae_groups=32,
+        text_hidden=768,
+        text_ffn=3072,
+        text_layers=12,
+        text_heads=12,
+        sample_size=128,
+        sdxl_transformer_layers=(0, 2, 10),
+        text2_hidden=1280,
+        text2_ffn=5120,
+        text2_layers=32,
+        text2_heads=20,
+        time_embed_dim=256,
     ),
 }
 
@@ -408,5 +432,7 @@ def build(name: str, out: str | Path, seed: int = 0) -> Path:
     else:
         model = build_pipeline(RECIPES[name], seed)
     with atomic_output_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        # One weights file per part, as the hub's folders have (an SDXL U-Net is 10.3 GB in float32; safetensors
+        # writes from the tensors' memory, without a copy).
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size="100GB")
     return Path(out)

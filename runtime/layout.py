@@ -26,7 +26,6 @@ SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
 # The graphs converted from every checkpoint, and the ones a generation cannot do without. An SDXL base checkpoint
 # adds a second text encoder; an SDXL refiner has only the second.
 PARTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
-REQUIRED_PARTS = ("text_encoder", "unet", "vae_decoder")
 FAMILY_PARTS = {
     "sdxl": ("text_encoder", TEXT_ENCODER_2, "unet", "vae_encoder", "vae_decoder"),
     "sdxl-refiner": (TEXT_ENCODER_2, "unet", "vae_encoder", "vae_decoder"),
@@ -125,6 +124,11 @@ def family_parts(family: str) -> tuple[str, ...]:
 def text_encoders(family: str) -> tuple[str, ...]:
     """The text-encoder parts of ``family``, in the order their hidden states are concatenated."""
     return tuple(part for part in family_parts(family) if part.startswith("text_encoder"))
+
+
+def required_parts(family: str) -> tuple[str, ...]:
+    """The graphs a text-to-image generation of ``family`` cannot do without."""
+    return (*text_encoders(family), "unet", "vae_decoder")
 
 
 def vae_factor(block_out_channels: Sequence[int]) -> int:

@@ -471,3 +471,53 @@ def test_unet_flops_count_the_sdxl_unet(recipes):
         unet(torch.zeros(2, 4, 8, 8), torch.tensor(10.0), context, added_cond_kwargs=added)
     for graph in ("model.onnx", "openvino_model.xml"):
         assert unet_flops(converted / "unet" / graph, 2, 64, 64) == counter.get_total_flops()
+
+
+def test_bench_runs_sdxl_and_its_peers(recipes, tmp_path, monkeypatch):
+    """``sdlite bench --peers`` on an SDXL folder: sdlite and diffusers' SDXL pipeline make the same image, both
+    text encoders are timed, and a peer the folder lacks a graph for is a skipped row, not an error."""
+    from sdlite.benchmarks import peers
+
+    monkeypatch.setenv("SDLITE_CACHE", str(tmp_path / "cache"))
+    source, converted = recipes["tiny-sdxl"]
+    args = ["bench", "-m", str(converted), "--size", "64x64", "--steps", "2", "--warmup-steps", "1"]
+    args += ["--engine", "onnx", "--precision", "fp32", "--gemm-size", "256", "--peers", "--source", str(source)]
+    args += ["--peer", f"{peers.DIFFUSERS},{peers.OV_IR}", "--report", str(tmp_path / "report"), "--quiet"]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    rows = {row["name"]: row for row in report["rows"]}
+    ours, peer = rows["sdlite onnx fp32 auto"], rows[peers.DIFFUSERS]
+    assert ours["status"] == "ok" and peer["status"] == "ok", (ours, peer)
+    assert peer["psnr"] > 40 and peer["text_encoder_ms"] > 0
+    assert rows[peers.OV_IR]["status"] == "skipped" and "fp16" in rows[peers.OV_IR]["reason"]
+    assert [t["name"] for t in report["targets"]] == [
+        "U-Net step <= 0.7x the fastest peer's",
+        "whole-generation peak RSS <= 1.5 GB",
+    ]
+
+
+def test_sdxl_random_targets_are_against_the_peers():
+    """On sdxl-random the memory target is a fraction of the leanest peer's peak, at 1024x1024 and 512x512."""
+    from sdlite.benchmarks.cli import _targets
+    from sdlite.benchmarks.runner import Settings
+
+    def row(name, kind, step_ms, peak_mb, vs_peer=None):
+        ratio = {"vs_fastest_peer": vs_peer} if vs_peer else {}
+        base = {"name": name, "kind": kind, "status": "ok", "unet_step_ms": {"median": step_ms}, "peak_rss_mb": peak_mb}
+        return base | ratio
+
+    rows = [
+        row("sdlite openvino w8a8", "sdlite", 60, 2_000, 0.6),
+        row("optimum-openvino int8", "peer", 100, 7_000),
+        row("optimum-openvino default", "peer", 110, 9_000),
+    ]
+    for size, scoped in ((1024, False), (512, False), (768, True)):
+        settings = Settings(model="m", width=size, height=size)
+        step, peak = _targets(rows, settings, "sdxl-random")
+        assert step["status"] == "met" and peak["status"] == "met"
+        leanest = "(optimum-openvino int8: 7,000 MiB)"
+        assert peak["name"] == f"whole-generation peak RSS <= 0.35x the leanest peer's {leanest}"
+        assert "2,000 MiB of 2,450 MiB" in peak["detail"]
+        assert ("indicative only" in step["detail"]) == ("indicative only" in peak["detail"]) == scoped
+    step, peak = _targets([rows[0], {**rows[1], "peak_rss_mb": 5_000}], settings, "sdxl-random")
+    assert peak["status"] == "not met"
