@@ -99,6 +99,7 @@ def _openvino(folder: str, threads: int, width: int, height: int, guided: bool =
 
 def _onnxruntime(folder: str, threads: int):
     import onnxruntime
+
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     pipe = _ort_class(folder).from_pretrained(folder, provider="CPUExecutionProvider", session_options=options)

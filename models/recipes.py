@@ -142,6 +142,21 @@ _TINY_SDXL = dataclasses.replace(
     time_embed_dim=8,
 )
 
+_SD15 = Widths(
+    unet_channels=(320, 640, 1280, 1280),
+    unet_layers=2,
+    unet_head_dim=8,
+    unet_groups=32,
+    vae_channels=(128, 256, 512, 512),
+    vae_layers=2,
+    vae_groups=32,
+    text_hidden=768,
+    text_ffn=3072,
+    text_layers=12,
+    text_heads=12,
+    sample_size=64,
+)
+
 RECIPES: dict[str, Widths] = {
     "tiny": _TINY,
     "tiny-inpaint": dataclasses.replace(_TINY, unet_in_channels=9),
@@ -151,34 +166,13 @@ RECIPES: dict[str, Widths] = {
     "tiny-sdxl": _TINY_SDXL,
     "tiny-sdxl-refiner": dataclasses.replace(_TINY_SDXL, sdxl_refiner=True),
     "tiny-sdxl-inpaint": dataclasses.replace(_TINY_SDXL, unet_in_channels=9),
-    "sd15-random": Widths(
-        unet_channels=(320, 640, 1280, 1280),
-        unet_layers=2,
-        unet_head_dim=8,
-        unet_groups=32,
-        vae_channels=(128, 256, 512, 512),
-        vae_layers=2,
-        vae_groups=32,
-        text_hidden=768,
-        text_ffn=3072,
-        text_layers=12,
-        text_heads=12,
-        sample_size=64,
-    ),
+    "sd15-random": _SD15,
     # stabilityai/stable-diffusion-xl-base-1.0's configs: three U-Net levels with 0, 2 and 10 transformer blocks,
     # 64-wide heads, OpenAI CLIP ViT-L and OpenCLIP ViT-bigG text encoders, 256-wide time-id embeddings.
-    "sdxl-random": Widths(
+    "sdxl-random": dataclasses.replace(
+        _SD15,
         unet_channels=(320, 640, 1280),
-        unet_layers=2,
         unet_head_dim=64,
-        unet_groups=32,
-        vae_channels=(128, 256, 512, 512),
-        vae_layers=2,
-        vae_groups=32,
-        text_hidden=768,
-        text_ffn=3072,
-        text_layers=12,
-        text_heads=12,
         sample_size=128,
         sdxl_transformer_layers=(0, 2, 10),
         text2_hidden=1280,

@@ -490,10 +490,10 @@ def test_bench_runs_sdxl_and_its_peers(recipes, tmp_path, monkeypatch):
     assert ours["status"] == "ok" and peer["status"] == "ok", (ours, peer)
     assert peer["psnr"] > 40 and peer["text_encoder_ms"] > 0
     assert rows[peers.OV_IR]["status"] == "skipped" and "fp16" in rows[peers.OV_IR]["reason"]
-    assert [t["name"] for t in report["targets"]] == [
-        "U-Net step <= 0.7x the fastest peer's",
-        "whole-generation peak RSS <= 1.5 GB",
-    ]
+    # An SDXL model other than sdxl-random is held to SDXL's targets, as indicative only.
+    step, peak = report["targets"]
+    assert peak["name"].startswith(f"whole-generation peak RSS <= 0.35x the leanest peer's ({peers.DIFFUSERS}: ")
+    assert "defined for sdxl-random at 1024x1024, 512x512" in peak["detail"]
 
 
 def test_sdxl_random_targets_are_against_the_peers():
@@ -513,11 +513,11 @@ def test_sdxl_random_targets_are_against_the_peers():
     ]
     for size, scoped in ((1024, False), (512, False), (768, True)):
         settings = Settings(model="m", width=size, height=size)
-        step, peak = _targets(rows, settings, "sdxl-random")
+        step, peak = _targets(rows, settings, "sdxl-random", "sdxl")
         assert step["status"] == "met" and peak["status"] == "met"
         leanest = "(optimum-openvino int8: 7,000 MiB)"
         assert peak["name"] == f"whole-generation peak RSS <= 0.35x the leanest peer's {leanest}"
         assert "2,000 MiB of 2,450 MiB" in peak["detail"]
         assert ("indicative only" in step["detail"]) == ("indicative only" in peak["detail"]) == scoped
-    step, peak = _targets([rows[0], {**rows[1], "peak_rss_mb": 5_000}], settings, "sdxl-random")
+    step, peak = _targets([rows[0], {**rows[1], "peak_rss_mb": 5_000}], settings, "sdxl-random", "sdxl")
     assert peak["status"] == "not met"
