@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from sdlite.errors import InputError, summarize
@@ -18,7 +19,7 @@ from sdlite.errors import InputError, summarize
 # re-exported here.
 from sdlite.safetensors_file import PICKLE_SUFFIXES, read_safetensors_header
 
-__all__ = ["PICKLE_SUFFIXES", "read_safetensors_header", "read_state_dict", "refuse_pickle"]
+__all__ = ["PICKLE_SUFFIXES", "open_state_dict", "read_safetensors_header", "read_state_dict", "refuse_pickle"]
 
 
 def refuse_pickle(path: Path) -> InputError:
@@ -65,18 +66,62 @@ def _load_pickle(path: Path) -> dict:
     return data
 
 
-def read_state_dict(path: str | Path, allow_pickle: bool = False) -> dict:
-    """Load the tensors of ``path`` (``.safetensors``, or a pickle when ``allow_pickle``) on the CPU."""
-    path = Path(path)
+class _LazyTensors(Mapping):
+    """A ``.safetensors`` file's tensors by name, each read from the file when it is asked for."""
+
+    def __init__(self, path: Path):
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            self._file = safe_open(str(path), framework="pt", device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise InputError(f"{path}: unreadable safetensors file ({summarize(exc)})") from None
+        self._keys = list(self._file.keys())
+        self._key_set = set(self._keys)
+
+    def __getitem__(self, key: str):
+        if key not in self._key_set:
+            raise KeyError(key)
+        return self._file.get_tensor(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._key_set
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _check_path(path: Path, allow_pickle: bool) -> str:
+    """The file's lower-case suffix, once it is known to exist and be of a readable kind."""
     if not path.is_file():
         raise InputError(f"{path}: file not found")
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES:
         if not allow_pickle:
             raise refuse_pickle(path)
-        return _load_pickle(path)
-    if suffix != ".safetensors":
+    elif suffix != ".safetensors":
         raise InputError(f"{path}: expected a .safetensors file (or a pickle with --allow-pickle)")
+    return suffix
+
+
+def open_state_dict(path: str | Path, allow_pickle: bool = False) -> Mapping:
+    """The tensors of ``path`` as a mapping; a ``.safetensors`` file's are read one at a time when asked for
+    (a multi-GB checkpoint is never held whole), a pickle's all at once (the format allows nothing else)."""
+    path = Path(path)
+    if _check_path(path, allow_pickle) in PICKLE_SUFFIXES:
+        return _load_pickle(path)
+    read_safetensors_header(path)
+    return _LazyTensors(path)
+
+
+def read_state_dict(path: str | Path, allow_pickle: bool = False) -> dict:
+    """Load the tensors of ``path`` (``.safetensors``, or a pickle when ``allow_pickle``) on the CPU."""
+    path = Path(path)
+    if _check_path(path, allow_pickle) in PICKLE_SUFFIXES:
+        return _load_pickle(path)
     read_safetensors_header(path)
     from safetensors import SafetensorError
     from safetensors.torch import load_file

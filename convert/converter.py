@@ -489,7 +489,7 @@ def convert(
     if missing:
         raise InputError(f"--lora {missing[0]}: file not found")
     # Weights are memory-mapped, not read: a part's pages come in when it is exported.
-    loaded = load_checkpoint(source, allow_pickle=allow_pickle)
+    loaded = load_checkpoint(source, allow_pickle=allow_pickle, scratch_parent=out.parent, quiet=quiet)
     pipe = loaded.pipe
     family_preset, defaults = model_defaults(preset, pipe.unet.config, loaded.name, [s.path for s in loras or []])
     lora_records = fuse_loras(pipe, loras or [], allow_pickle=allow_pickle)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdlite.convert.checkpoint_file import PICKLE_SUFFIXES, read_state_dict
+from sdlite.convert.checkpoint_file import PICKLE_SUFFIXES, open_state_dict
 from sdlite.errors import InputError, summarize
 from sdlite.hashing import sha256_file
 
@@ -71,14 +73,17 @@ def _load_safety_checker(folder: Path) -> tuple[object | None, object | None]:
     return checker.eval(), processor
 
 
-def _load_single_file(path: Path, allow_pickle: bool):
-    """A checkpoint in one file (A1111 / model-site layout), read safely and converted without the hub."""
+def _load_single_file(path: Path, allow_pickle: bool, scratch: Path, quiet: bool):
+    """A checkpoint in one file (A1111 / model-site layout), read safely and unpacked without the hub into the
+    diffusers folder ``scratch``, which is then loaded like any other (memory-mapped)."""
     from sdlite.convert.checkpoint_file import read_safetensors_header
-    from sdlite.convert.single_file import pipeline_from_ldm
+    from sdlite.convert.single_file import unpack_ldm
 
-    state = read_state_dict(path, allow_pickle=allow_pickle)
+    state = open_state_dict(path, allow_pickle=allow_pickle)
     metadata = read_safetensors_header(path).get("__metadata__") if path.suffix.lower() == ".safetensors" else None
-    return pipeline_from_ldm(state, str(path), metadata)
+    unpack_ldm(state, str(path), scratch, metadata, quiet)
+    del state
+    return _load_folder(scratch)
 
 
 def _check_supported(pipe, source: str) -> None:
@@ -107,13 +112,16 @@ def quiet_diffusers() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def load_checkpoint(source: str, allow_pickle: bool = False) -> LoadedCheckpoint:
+def load_checkpoint(
+    source: str, allow_pickle: bool = False, scratch_parent: Path | None = None, quiet: bool = False
+) -> LoadedCheckpoint:
     """Load ``source`` as a float32 diffusers pipeline.
 
-    ``source`` is a diffusers folder, a single ``.safetensors`` file in the original SD layout (converted
-    offline, see ``sdlite.convert.single_file``), or a hub id (``owner/name``, fetched through diffusers'
-    own downloader on machines that can reach the hub). Pickled checkpoints are refused unless
-    ``allow_pickle``, and even then only their tensors are read.
+    ``source`` is a diffusers folder, a single ``.safetensors`` file in the original SD layout (unpacked
+    offline into a diffusers folder under ``scratch_parent``, the system's temporary folder by default, see
+    ``sdlite.convert.single_file``), or a hub id (``owner/name``, fetched through diffusers' own downloader on
+    machines that can reach the hub). Pickled checkpoints are refused unless ``allow_pickle``, and even then
+    only their tensors are read. ``quiet``: no progress bar while a file is unpacked.
     """
     path = Path(source)
     checker = processor = None
@@ -126,7 +134,13 @@ def load_checkpoint(source: str, allow_pickle: bool = False) -> LoadedCheckpoint
     elif path.is_file():
         if path.suffix.lower() not in PICKLE_SUFFIXES | {".safetensors"}:
             raise InputError(f"{path}: expected a diffusers folder, a .safetensors file or a hub id")
-        pipe = _load_single_file(path, allow_pickle)
+        scratch = Path(tempfile.mkdtemp(prefix=".sdlite-unpack-", dir=scratch_parent))
+        try:
+            pipe = _load_single_file(path, allow_pickle, scratch, quiet)
+        finally:
+            # The loaded weights are memory-mapped: POSIX keeps the files readable until they are unmapped,
+            # and the disk space returns with the pipeline.
+            shutil.rmtree(scratch, ignore_errors=True)
         sha = sha256_file(path)
         name = path.stem
     elif source.count("/") == 1 and not source.startswith((".", "/")):

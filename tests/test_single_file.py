@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from ldm_layout import open_clip_state, to_ldm_state
 from safetensors.torch import save_file
 
 from sdlite.cli import main
@@ -19,93 +19,6 @@ from sdlite.errors import InputError
 
 # Every test here needs torch: sdlite.convert's single-file loading against diffusers.
 pytestmark = pytest.mark.torch
-
-_RESNET = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "time_emb_proj": "emb_layers.1",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "conv_shortcut": "skip_connection",
-}
-_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-
-
-def _unet_key(key: str, config) -> str:
-    """A diffusers U-Net key -> the original (LDM) key, written from the two models' block layouts."""
-    step = config.layers_per_block + 1  # input blocks per down block: its resnets and one downsampler
-    fixed = {
-        "time_embedding.linear_1": "time_embed.0",
-        "time_embedding.linear_2": "time_embed.2",
-        "conv_in": "input_blocks.0.0",
-        "conv_norm_out": "out.0",
-        "conv_out": "out.2",
-    }
-    for new, old in fixed.items():
-        if key.startswith(new + "."):
-            return old + key[len(new) :]
-    if m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
-        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        index = step * i + j + 1
-        return (
-            f"input_blocks.{index}.{0 if kind == 'resnets' else 1}.{_resnet_rest(rest) if kind == 'resnets' else rest}"
-        )
-    if m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", key):
-        return f"input_blocks.{step * (int(m[1]) + 1)}.0.op.{m[2]}"
-    if m := re.match(r"mid_block\.resnets\.(\d+)\.(.*)", key):
-        return f"middle_block.{2 * int(m[1])}.{_resnet_rest(m[2])}"
-    if m := re.match(r"mid_block\.attentions\.0\.(.*)", key):
-        return f"middle_block.1.{m[1]}"
-    if m := re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
-        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        index = step * i + j
-        return (
-            f"output_blocks.{index}.{0 if kind == 'resnets' else 1}.{_resnet_rest(rest) if kind == 'resnets' else rest}"
-        )
-    if m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)", key):
-        i = int(m[1])
-        has_attention = config.up_block_types[i].startswith("CrossAttn")
-        return f"output_blocks.{step * i + step - 1}.{2 if has_attention else 1}.conv.{m[2]}"
-    raise AssertionError(f"unmapped U-Net key {key}")
-
-
-def _resnet_rest(rest: str) -> str:
-    layer, _, param = rest.rpartition(".")
-    return f"{_RESNET[layer]}.{param}"
-
-
-def _vae_key(key: str, tensor: torch.Tensor, blocks: int) -> tuple[str, torch.Tensor]:
-    key = key.replace("conv_norm_out", "norm_out")
-    if m := re.match(
-        r"(encoder|decoder)\.(down|up)_blocks\.(\d+)\.(resnets|downsamplers|upsamplers)\.(\d+)\.(.*)", key
-    ):
-        part, direction, i, kind, j, rest = m.groups()
-        i = int(i) if direction == "down" else blocks - 1 - int(i)  # LDM numbers decoder blocks bottom-up
-        if kind == "resnets":
-            return f"{part}.{direction}.{i}.block.{j}.{rest.replace('conv_shortcut', 'nin_shortcut')}", tensor
-        return f"{part}.{direction}.{i}.{'downsample' if direction == 'down' else 'upsample'}.{rest}", tensor
-    if m := re.match(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.*)", key):
-        return f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3]}", tensor
-    if m := re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.*)\.(weight|bias)", key):
-        # LDM's VAE attention uses 1x1 convolutions where diffusers uses linear layers.
-        if m[2] != "group_norm" and tensor.ndim == 2:
-            tensor = tensor[:, :, None, None]
-        return f"{m[1]}.mid.attn_1.{_VAE_ATTENTION[m[2]]}.{m[3]}", tensor
-    return key, tensor
-
-
-def to_ldm_state(pipe) -> dict[str, torch.Tensor]:
-    """The pipeline's weights under the original SD 1.x single-file keys."""
-    state = {}
-    for key, tensor in pipe.unet.state_dict().items():
-        state["model.diffusion_model." + _unet_key(key, pipe.unet.config)] = tensor
-    blocks = len(pipe.vae.config.block_out_channels)
-    for key, tensor in pipe.vae.state_dict().items():
-        new_key, new_tensor = _vae_key(key, tensor, blocks)
-        state["first_stage_model." + new_key] = new_tensor
-    for key, tensor in pipe.text_encoder.state_dict().items():
-        state["cond_stage_model.transformer." + key] = tensor
-    return {k: v.contiguous() for k, v in state.items()}
 
 
 # Widths at which the family's own hyperparameters (32 GroupNorm groups, 8 U-Net heads, 64-wide text
@@ -219,23 +132,32 @@ def test_family_detection():
     context = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
     openclip = {"cond_stage_model.model.token_embedding.weight": torch.zeros(1)}
     assert detect_family({**unet, **openclip, context: torch.zeros(320, 1024)}, "x") == "sd2"
-    with pytest.raises(InputError, match="SDXL checkpoint; SDXL is not supported yet"):
-        detect_family({**unet, "conditioner.embedders.0.transformer.x": torch.zeros(1)}, "x")
+    sdxl_clip = {"conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(1)}
+    bigg = {"conditioner.embedders.1.model.token_embedding.weight": torch.zeros(1)}
+    assert detect_family({**unet, **sdxl_clip, **bigg}, "x") == "sdxl"
+    assert detect_family({**unet, "conditioner.embedders.0.model.token_embedding.weight": torch.zeros(1)}, "x") == (
+        "sdxl-refiner"
+    )
+    with pytest.raises(InputError, match="SDXL-style text encoders sdlite does not know"):
+        detect_family({**unet, **bigg}, "x")
     with pytest.raises(InputError, match="not a Stable Diffusion checkpoint"):
         detect_family({"lora_unet_x.lora_down.weight": torch.zeros(1)}, "x")
 
 
-def test_sdxl_file_is_refused_in_one_line(tmp_path, capsys):
+def test_incomplete_sdxl_file_is_one_line(tmp_path, capsys):
     path = tmp_path / "sdxl.safetensors"
     save_file(
         {
             "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2, 4, 3, 3),
+            "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(2, 2),
             "conditioner.embedders.1.model.token_embedding.weight": torch.zeros(2, 2),
         },
         path,
     )
     assert main(["convert", str(path), str(tmp_path / "out"), "--quiet"]) == 2
-    assert "SDXL is not supported yet" in capsys.readouterr().err
+    assert "no VAE weights" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".sdlite-*"))
 
 
 def test_pickled_single_file_with_flag(tiny_single_file, tmp_path):
@@ -255,33 +177,6 @@ def test_pickled_single_file_with_flag(tiny_single_file, tmp_path):
     torch.save(load_file(tiny_single_file), toy)
     with pytest.raises(InputError, match="do not fit sd15's defaults"):
         load_checkpoint(str(toy), allow_pickle=True)
-
-
-def _open_clip_state(text_encoder, extra_layer: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A CLIPTextModel's weights under OpenCLIP's keys (SD 2.x), plus the unused last block."""
-    prefix = "cond_stage_model.model."
-    sd = text_encoder.state_dict()
-    state = {
-        prefix + "token_embedding.weight": sd["text_model.embeddings.token_embedding.weight"],
-        prefix + "positional_embedding": sd["text_model.embeddings.position_embedding.weight"],
-        prefix + "ln_final.weight": sd["text_model.final_layer_norm.weight"],
-        prefix + "ln_final.bias": sd["text_model.final_layer_norm.bias"],
-        prefix + "text_projection": torch.randn(text_encoder.config.hidden_size, 16),
-    }
-    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
-    names["self_attn.out_proj"] = "attn.out_proj"
-    layers = text_encoder.config.num_hidden_layers
-    for i in range(layers):
-        src, dst = f"text_model.encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
-        for param in ("weight", "bias"):
-            # OpenCLIP keeps q, k and v in one input projection.
-            qkv = [sd[f"{src}self_attn.{p}_proj.{param}"] for p in "qkv"]
-            state[f"{dst}attn.in_proj_{param}"] = torch.cat(qkv)
-            for old, new in names.items():
-                state[f"{dst}{new}.{param}"] = sd[f"{src}{old}.{param}"]
-    for key, tensor in extra_layer.items():
-        state[f"{prefix}transformer.resblocks.{layers}.{key}"] = tensor
-    return state
 
 
 def test_sd2_layout_toy(tmp_path):
@@ -312,7 +207,7 @@ def test_sd2_layout_toy(tmp_path):
     pipe = SimpleNamespace(unet=unet, vae=vae, text_encoder=text)
     state = {k: v for k, v in to_ldm_state(pipe).items() if not k.startswith("cond_stage_model.")}
     last = {f"ln_1.{p}": torch.randn(64) for p in ("weight", "bias")}
-    state.update(_open_clip_state(text, last))
+    state.update(open_clip_state(text, "cond_stage_model.model.", torch.randn(64, 16), last))
     path = tmp_path / "sd2.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, path)
 
