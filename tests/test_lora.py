@@ -215,3 +215,44 @@ def test_original_sd_key_names_fuse_as_diffusers_names(tiny_diffusers, lora_file
     fuse_loras(ours, [LoraSpec(ldm, 0.8)])
     fuse_loras(theirs, [LoraSpec(kohya, 0.8)])
     assert _max_diff(ours, theirs, "unet") == 0
+
+
+def test_sdxl_lora_fuses_as_diffusers_fuses_it(tmp_path):
+    """An SDXL LoRA in kohya's layout (lora_unet_ with the original SDXL names, lora_te1_, lora_te2_) fused at
+    conversion equals diffusers' StableDiffusionXLPipeline.load_lora_weights + fuse_lora, in all three parts."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from sdlite.lora_graph import ldm_path
+    from sdlite.models.recipes import build
+
+    folder = build("tiny-sdxl", tmp_path / "tiny-sdxl")
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+    targets = _targets(pipe)
+    # The layers of the first encoder's set: diffusers 0.39's kohya loader drops text_encoder_2's k_proj and v_proj
+    # ("unexpected keys"), so a reference with them would be wrong.
+    targets["text_encoder_2"] = {
+        name: module.weight
+        for name, module in pipe.text_encoder_2.named_modules()
+        if name.endswith(("self_attn.q_proj", "self_attn.out_proj", "mlp.fc1"))
+    }
+    up_attention = {i for i, kind in enumerate(pipe.unet.config.up_block_types) if "CrossAttn" in kind}
+    prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+    state = {}
+    for (component, name), (down, up) in _random_lora(targets, 3).items():
+        if component == "unet":  # kohya's SDXL files name U-Net layers as the original checkpoint does
+            name = ldm_path(name, pipe.unet.config.layers_per_block, up_attention)
+        key = prefix[component] + name.replace(".", "_")
+        state.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(2.0)})
+    path = tmp_path / "xl-style.safetensors"
+    save_file(state, path)
+
+    ours = StableDiffusionXLPipeline.from_pretrained(folder)
+    records = fuse_loras(ours, [LoraSpec(path, 0.7)])
+    reference = StableDiffusionXLPipeline.from_pretrained(folder)
+    reference.load_lora_weights(str(path), adapter_name="xl")
+    reference.fuse_lora(components=["unet", "text_encoder", "text_encoder_2"], lora_scale=0.7, adapter_names=["xl"])
+    reference.unload_lora_weights()
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        assert _max_diff(ours, pipe, component) > 1e-2, component
+        assert _max_diff(ours, reference, component) < ATOL, component
+    assert records[0]["layers"] == sum(len(v) for v in targets.values())
