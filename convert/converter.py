@@ -21,7 +21,7 @@ from sdlite.convert.onnx_export import export_onnx, save_onnx
 from sdlite.convert.parts import final_layer_norm, part_spec, trace_size, vae_scale_factor, validation_size
 from sdlite.convert.phases import PhaseMeter
 from sdlite.convert.presets import CHOICES as PRESET_CHOICES
-from sdlite.convert.presets import FAMILY_DEFAULTS, model_defaults
+from sdlite.convert.presets import FAMILY_DEFAULTS, default_side, model_defaults
 from sdlite.convert.token_merging import MAX_RATIO
 from sdlite.convert.validate import ValidationError, reference_outputs, validate_graph
 from sdlite.convert.variants import FORMATS, PRECISIONS, derive, link_files, onnx_to_openvino, save_ir
@@ -502,7 +502,7 @@ def convert(
         name=loaded.name,
         prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
         vae_scaling_factor=float(pipe.vae.config.scaling_factor),
-        default_size=(pipe.unet.config.sample_size * factor,) * 2,
+        default_size=(default_side(family, family_preset, pipe.unet.config.sample_size * factor),) * 2,
         source_sha256=loaded.sha256,
         loras=lora_records,
         tiny_vae=tiny.name if tiny else None,

@@ -24,6 +24,8 @@ PRESETS: dict[str, dict[str, object]] = {
 # What a model family generates with when neither the user nor a few-step preset says: SDXL's CFG scale is
 # diffusers' StableDiffusionXLPipeline default (SD's 7.5 over-saturates it); size comes from the U-Net's config.
 FAMILY_DEFAULTS: dict[str, dict[str, object]] = {"sdxl": {"cfg_scale": 5.0}, "sdxl-refiner": {"cfg_scale": 5.0}}
+# SDXL-Turbo was distilled at 512x512, half of SDXL's size (its model card); every other model keeps its U-Net's.
+_SIZES = {("sdxl", "turbo"): 512}
 # A latent consistency U-Net embeds the guidance scale; 8 is LCM-Dreamshaper's recommended scale.
 LCM_EMBEDDED = {**PRESETS["lcm"], "cfg_scale": 8.0}
 CHOICES = ("auto", "none", *PRESETS)
@@ -47,3 +49,9 @@ def model_defaults(preset: str, unet_config, name: str, lora_paths: list[Path]) 
     if preset == "none":
         return None, {}
     return preset, dict(LCM_EMBEDDED if preset == "lcm" and embedded else PRESETS[preset])
+
+
+def default_side(family: str, preset: str | None, native: int) -> int:
+    """The image side a model generates at by default: its U-Net's ``native`` one, unless its few-step family was
+    distilled at another."""
+    return _SIZES.get((family, preset or ""), native)

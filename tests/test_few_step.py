@@ -301,3 +301,14 @@ def test_cli_few_step_options(models, tmp_path, capsys):
         .endswith("--preset fast: not supported; this version supports auto, none, lcm, turbo, lightning")
     )
     assert not (tmp_path / "x").exists()
+
+
+def test_turbo_default_size_is_the_distilled_one():
+    """SDXL-Turbo generates at 512x512 by default (distilled there); SD-Turbo, Lightning and plain SDXL keep the
+    U-Net's size."""
+    from sdlite.convert.presets import default_side, model_defaults
+
+    preset, _ = model_defaults("auto", {}, "sd_xl_turbo_1.0_fp16", [])
+    assert preset == "turbo" and default_side("sdxl", preset, 1024) == 512
+    assert default_side("sd2", "turbo", 512) == 512
+    assert default_side("sdxl", "lightning", 1024) == default_side("sdxl", None, 1024) == 1024
