@@ -330,7 +330,7 @@ def _text_encoder(state: Mapping, family: str, encoder: _TextEncoder, config: di
         weights = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in weights.items()}
     # A CLIPTextModel (SD 1.x/2.x) has no output projection: OpenCLIP's goes unused.
     ignore = ("position_ids",) if encoder.projection else ("position_ids", "text_projection.weight")
-    return _materialize(model, weights, f"{encoder.part.replace('_', ' ')}", source, ignore)
+    return _materialize(model, weights, encoder.part.replace("_", " "), source, ignore)
 
 
 def _prediction_type(unet, family: str, configured: str, state: Mapping) -> str:
