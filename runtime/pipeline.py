@@ -249,6 +249,17 @@ class Pipeline:
                 self.parts.done(name)
         self.refiner = self._load_refiner(refiner) if refiner is not None else None
 
+    def use_refiner(self, path: str | Path | None) -> None:
+        """Make the converted SDXL refiner folder at ``path`` finish this pipeline's generations, or none
+        (``None``); a refiner already loaded from that folder stays loaded."""
+        current = Path(self.refiner.folder.path).resolve() if self.refiner is not None else None
+        if path is not None and current == Path(path).resolve():
+            return
+        refiner = self._load_refiner(path) if path is not None else None
+        if self.refiner is not None:
+            self.refiner.release()
+        self.refiner = refiner
+
     def _load_refiner(self, path: str | Path) -> Pipeline:
         """The pipeline of the refiner folder at ``path``, loaded as this one (engine, device, precision, memory),
         which must work on this model's latents."""
@@ -762,5 +773,7 @@ class Pipeline:
         return self.finisher.finish(images, request, extra, output_type, embeddings, size, self.loras.hashes())
 
     def release(self) -> None:
-        """Free every loaded part."""
+        """Free every loaded part (the refiner's too)."""
         self.parts.release()
+        if self.refiner is not None:
+            self.refiner.release()

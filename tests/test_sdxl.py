@@ -521,3 +521,41 @@ def test_sdxl_random_targets_are_against_the_peers():
         assert ("indicative only" in step["detail"]) == ("indicative only" in peak["detail"]) == scoped
     step, peak = _targets([rows[0], {**rows[1], "peak_rss_mb": 5_000}], settings, "sdxl-random", "sdxl")
     assert peak["status"] == "not met"
+
+
+def test_server_takes_a1111_refiner_fields(recipes):
+    """A1111's txt2img body with refiner_checkpoint and refiner_switch_at: the same image as the Python API with that
+    refiner; a request without one runs the base alone; an unknown refiner is a 422 naming the field."""
+    import base64
+    import io
+
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from sdlite.infotext import parse_infotext
+    from sdlite.server.app import create_app
+    from sdlite.server.catalog import Catalog
+
+    base_folder, refiner_folder = recipes["tiny-sdxl"][1], recipes["tiny-sdxl-refiner"][1]
+    body = {"prompt": PROMPT, "steps": 4, "seed": 3, "width": 64, "height": 64, "sampler_name": "Euler", "cfg_scale": 5}
+    expected = Pipeline.load(base_folder, refiner=refiner_folder).txt2img(
+        PROMPT, steps=4, seed=3, width=64, height=64, sampler="Euler", cfg_scale=5, refiner_switch=0.5, progress=False
+    )[0]
+    plain = Pipeline.load(base_folder).txt2img(
+        PROMPT, steps=4, seed=3, width=64, height=64, sampler="Euler", cfg_scale=5, progress=False
+    )[0]
+    app = create_app(Catalog([base_folder, refiner_folder]))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        refiner = client.get("/sdapi/v1/sd-models").json()[1]["title"]
+        for extra, reference in (
+            ({"refiner_checkpoint": refiner, "refiner_switch_at": 0.5}, expected),
+            ({"refiner_checkpoint": "None"}, plain),
+        ):
+            reply = client.post("/sdapi/v1/txt2img", json={**body, **extra})
+            assert reply.status_code == 200, reply.text
+            image = Image.open(io.BytesIO(base64.b64decode(reply.json()["images"][0])))
+            assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(reference.convert("RGB")))
+            _, _, fields = parse_infotext(json.loads(reply.json()["info"])["infotexts"][0])
+            assert fields.get("Refiner switch at") == ("0.5" if reference is expected else None)
+        reply = client.post("/sdapi/v1/txt2img", json={**body, "refiner_checkpoint": "no-such-refiner"})
+        assert reply.status_code == 422 and "refiner_checkpoint 'no-such-refiner'" in reply.json()["detail"]

@@ -89,14 +89,15 @@ class Catalog:
         """Look in the models folder again (A1111's ``refresh-checkpoints``)."""
         self.entries = self._scan() or self.entries
 
-    def find(self, name: str) -> ModelEntry:
-        """The entry a client names by title, model name, folder name or short hash; InputError if none."""
+    def find(self, name: str, field: str = "sd_model_checkpoint") -> ModelEntry:
+        """The entry a client names by title, model name, folder name or short hash; InputError naming the
+        request's ``field`` if none."""
         if not isinstance(name, str) or not name.strip():
-            raise InputError(f"sd_model_checkpoint {name!r}: must name a model from /sdapi/v1/sd-models")
+            raise InputError(f"{field} {name!r}: must name a model from /sdapi/v1/sd-models")
         wanted = name.strip()
         base = wanted.rsplit(" [", 1)[0] if wanted.endswith("]") else wanted
         for entry in self.entries:
             if wanted in (entry.title, entry.hash, entry.sha256) or base in (entry.name, entry.path.name):
                 return entry
         known = ", ".join(entry.title for entry in self.entries)
-        raise InputError(f"sd_model_checkpoint {name!r}: unknown model; known: {known}")
+        raise InputError(f"{field} {name!r}: unknown model; known: {known}")

@@ -95,6 +95,7 @@ class Spec:
     n_iter: int
     model: ModelEntry | None = None
     restore_model: bool = True
+    refiner: ModelEntry | None = None
     subseed: int = 0
     subseed_strength: float = 0.0
     hires: Hires | None = None
@@ -221,12 +222,18 @@ def make_spec(
         "seed_source": RANDN_SOURCES[source],
         "clip_skip": clip_skip,
     }
+    refiner = None
+    # A1111's clients send "None" (or nothing) when no refiner is chosen.
+    if body.refiner_checkpoint and body.refiner_checkpoint.strip() not in ("", "None"):
+        refiner = catalog.find(body.refiner_checkpoint, "refiner_checkpoint")
+        options["refiner_switch"] = 0.8 if body.refiner_switch_at is None else body.refiner_switch_at
     spec = Spec(
         mode="txt2img",
         prompt=body.prompt or "",
         options=options,
         n_iter=n_iter,
         model=model,
+        refiner=refiner,
         restore_model=body.override_settings_restore_afterwards is not False,
         send_images=body.send_images is not False,
         save_images=bool(body.save_images),
@@ -424,6 +431,7 @@ def run(spec: Spec, host: ModelHost, progress: Progress, outdir: Path | None) ->
         host.switch(spec.model)
     try:
         pipe = host.pipeline()
+        pipe.use_refiner(spec.refiner.path if spec.refiner is not None else None)
         per_iteration = 2 if spec.hires else 1
         progress.job_count = spec.n_iter * per_iteration
         batch = spec.options["batch"]

@@ -38,6 +38,8 @@ class Txt2ImgBody(_Body):
     clip_skip: int | None = None
     override_settings: dict[str, Any] | None = None
     override_settings_restore_afterwards: bool | None = True
+    refiner_checkpoint: str | None = Field(None, description="an SDXL refiner from /sdapi/v1/sd-models; None: none")
+    refiner_switch_at: float | None = Field(None, description="fraction of the denoising the refiner takes over at")
     send_images: bool | None = True
     save_images: bool | None = False
     enable_hr: bool | None = False
