@@ -247,7 +247,8 @@ class Pipeline:
             for name in resident:
                 self.parts.get(name)
                 self.parts.done(name)
-        self.refiner = self._load_refiner(refiner) if refiner is not None else None
+        self.refiner: Pipeline | None = None
+        self.use_refiner(refiner)
 
     def use_refiner(self, path: str | Path | None) -> None:
         """Make the converted SDXL refiner folder at ``path`` finish this pipeline's generations, or none

@@ -226,7 +226,8 @@ def make_spec(
     # A1111's clients send "None" (or nothing) when no refiner is chosen.
     if body.refiner_checkpoint and body.refiner_checkpoint.strip() not in ("", "None"):
         refiner = catalog.find(body.refiner_checkpoint, "refiner_checkpoint")
-        options["refiner_switch"] = 0.8 if body.refiner_switch_at is None else body.refiner_switch_at
+        if body.refiner_switch_at is not None:  # else the pipeline's default, A1111's
+            options["refiner_switch"] = body.refiner_switch_at
     spec = Spec(
         mode="txt2img",
         prompt=body.prompt or "",
