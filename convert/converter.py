@@ -18,7 +18,7 @@ from sdlite.convert.loading import TinyVae, load_checkpoint, load_tiny_vae, quie
 from sdlite.convert.lora import LoraSpec, fuse_loras
 from sdlite.convert.memory_plan import GB, Step, check_plan, default_budget, make_step
 from sdlite.convert.onnx_export import export_onnx, save_onnx
-from sdlite.convert.parts import final_layer_norm, part_spec, trace_size, vae_scale_factor, validation_size
+from sdlite.convert.parts import ExportSize, final_layer_norm, part_spec, trace_size, vae_scale_factor, validation_size
 from sdlite.convert.phases import PhaseMeter
 from sdlite.convert.presets import CHOICES as PRESET_CHOICES
 from sdlite.convert.presets import FAMILY_DEFAULTS, default_side, model_defaults
@@ -169,6 +169,18 @@ def _weight_sizes(module) -> tuple[int, int]:
     return sum(size for size, _ in sizes), sum(size for size, conv in sizes if conv)
 
 
+def _tiny_parts(tiny: TinyVae, formats: list[str], precisions: list[str]) -> dict[str, _Part]:
+    """The tiny VAE's encoder and decoder, in fp32 and, when the model has a reduced precision, fp16 (its weights
+    are a few MB: int8 would save nothing worth its error)."""
+    tiny_precisions = ["fp32", *(["fp16"] if set(precisions) - {"fp32"} else [])]
+    jobs = [(fmt, precision) for precision in tiny_precisions for fmt in formats]
+    sizes = _weight_sizes(tiny.vae)
+    return {
+        name: _Part(part_spec(name, tiny.vae), tiny.vae, jobs, tiny_precisions, "plain", *sizes)
+        for name in TINY_VAE_PARTS
+    }
+
+
 def _part_precision(part: str, precision: str) -> str:
     """Only the U-Net gets int8 activations; for the other parts ``w8a8`` means int8 weights."""
     return "int8" if precision == "w8a8" and part != "unet" else precision
@@ -204,6 +216,9 @@ class _Run:
     token_merging: float
     validate: bool
     quiet: bool
+    sizes: tuple[ExportSize, ExportSize]  # the trace's and the validation's
+    # The final layer norm the text encoder's variants carry (SD 1.x/2.x clip skip), None when it has none.
+    norm: dict | None = None
     tiny: TinyVae | None = None
 
     def export_base(self, name: str, part: _Part, sizes: tuple, calibrate: bool) -> _Base:
@@ -291,19 +306,14 @@ class _Run:
     def run_parts(self, parts: dict[str, _Part]) -> dict:
         """Run every part's steps (the body of :func:`convert`); returns the manifest's components."""
         journal, meter, units, pipe = self.journal, self.meter, self.units, self.pipe
-        root = journal.root
-        # Configs first, while every module is still there to describe itself (modules are freed as parts finish).
-        _save_configs(pipe, self.family, root, self.loaded, self.tiny)
-        # SD 1.x/2.x clip skip normalises an earlier layer with the final layer norm; SDXL uses layers unnormalised.
-        norm = final_layer_norm(pipe.text_encoder) if self.family not in SDXL_FAMILIES else None
-        trace, check = trace_size(pipe), validation_size(pipe)
+        root, norm = journal.root, self.norm
         # The PyTorch module each part exports from, released once its last part has its exports.
         last_user = {"text_encoder": "unet", TEXT_ENCODER_2: "unet", "unet": "unet", "vae": "vae_decoder"}
         components, failures = {}, []
         for name, part in parts.items():
             # A part whose variants are all finished (a resumed conversion) needs no exports any more.
             done = all(journal.finished(f"{name}/{fmt}/{precision}") is not None for fmt, precision in part.jobs)
-            base = None if done else self.export_base(name, part, (trace, check), _calibrates(name, part))
+            base = None if done else self.export_base(name, part, self.sizes, _calibrates(name, part))
             meter.advance(units[(name, "fp32", "export")] + units.get((name, "w8a8", "calibrate"), 0))
             # The part's module (or the wrapper around it) goes with its export; the pipeline keeps a module
             # only until its last part is exported (the U-Net's calibration runs the text encoder).
@@ -535,11 +545,7 @@ def convert(
             *_weight_sizes(checker),
         )
     if tiny is not None:
-        tiny_precisions = ["fp32", *(["fp16"] if set(precisions) - {"fp32"} else [])]
-        tiny_jobs = [(fmt, precision) for precision in tiny_precisions for fmt in formats]
-        for name in TINY_VAE_PARTS:
-            spec = part_spec(name, tiny.vae)
-            parts[name] = _Part(spec, tiny.vae, tiny_jobs, tiny_precisions, "plain", *_weight_sizes(tiny.vae))
+        parts |= _tiny_parts(tiny, formats, precisions)
     latent_cells = calibration_cells(pipe.unet.config.sample_size) ** 2
     steps = _plan(parts, formats, latent_cells, validate)
     budget = memory_budget_gb * GB if memory_budget_gb is not None else default_budget()
@@ -560,7 +566,14 @@ def convert(
     meter = PhaseMeter(sum(step.seconds for step in steps), quiet)
     units = {(step.part, step.variant, step.kind): step.seconds for step in steps}
     try:
-        run = _Run(journal, meter, units, pipe, family, loaded, formats, token_merging, validate, quiet, tiny)
+        # Configs first, while every module is still there to describe itself (modules are freed as parts finish).
+        _save_configs(pipe, family, journal.root, loaded, tiny)
+        # SD 1.x/2.x clip skip normalises an earlier layer with the final layer norm; SDXL uses layers unnormalised.
+        norm = final_layer_norm(pipe.text_encoder) if family not in SDXL_FAMILIES else None
+        sizes = (trace_size(factor), validation_size(factor))
+        run = _Run(
+            journal, meter, units, pipe, family, loaded, formats, token_merging, validate, quiet, sizes, norm, tiny
+        )
         manifest.components = run.run_parts(parts)
     except BaseException as exc:
         meter.close()
@@ -587,4 +600,58 @@ def convert(
     journal.root.rename(out)
     if not quiet:
         print(meter.table() if verbose else meter.summary())
+    return manifest
+
+
+def add_tiny_vae(
+    folder: str | Path, tiny_vae: str, validate: bool = True, quiet: bool = False, overwrite: bool = False
+) -> Manifest:
+    """Convert ``tiny_vae`` (an AutoencoderTiny folder or hub id: TAESD) into the converted-model ``folder``, in
+    the folder's formats, as :func:`convert` with ``tiny_vae`` would have: the model's parts are left as they are.
+
+    The tiny VAE's parts are built in a work folder beside ``folder``, moved in when all are done and validated,
+    and the manifest is rewritten last (atomically), so an interrupted run leaves the folder as it was.
+    ``overwrite`` replaces a tiny VAE the folder already has."""
+    from sdlite.model_folder import ModelFolder
+
+    opened = ModelFolder.open(folder)
+    folder, manifest = opened.path, opened.manifest
+    if manifest.tiny_vae and not overwrite:
+        raise InputError(f"{folder}: already has a tiny VAE ({manifest.tiny_vae}); add --overwrite to replace it")
+    if quiet:
+        quiet_diffusers()
+    tiny = load_tiny_vae(tiny_vae, opened.part_config("vae_decoder").get("latent_channels", 4))
+    variants = [variant for part in family_parts(manifest.family) for variant in manifest.components.get(part, [])]
+    formats = [fmt for fmt in FORMATS if any(variant.format == fmt for variant in variants)]
+    precisions = sorted({variant.precision for variant in variants})
+    parts = _tiny_parts(tiny, formats, precisions)
+    latent_cells = calibration_cells(opened.part_config("unet").get("sample_size", 64)) ** 2
+    steps = _plan(parts, formats, latent_cells, validate)
+    check_plan(steps, default_budget(), given=False)
+
+    root = folder.parent / f".{folder.name}.sdlite-tiny-vae"
+    journal = Journal(root, {"tiny_vae": tiny.name}, resume=False)
+    meter = PhaseMeter(sum(step.seconds for step in steps), quiet)
+    units = {(step.part, step.variant, step.kind): step.seconds for step in steps}
+    sizes = (trace_size(opened.latent_factor), validation_size(opened.latent_factor))
+    try:
+        for name in TINY_VAE_PARTS:
+            tiny.vae.save_config(root / name)
+        run = _Run(journal, meter, units, None, manifest.family, None, formats, 0.0, validate, quiet, sizes, None, tiny)
+        components = run.run_parts(parts)
+    except BaseException:
+        meter.close()
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+    meter.close()
+    replaced = root / ".replaced"
+    replaced.mkdir()
+    for name in TINY_VAE_PARTS:
+        if (folder / name).exists():
+            (folder / name).rename(replaced / name)
+        (root / name).rename(folder / name)
+    manifest.components.update(components)
+    manifest.tiny_vae = tiny.name
+    manifest.write(folder)
+    shutil.rmtree(root, ignore_errors=True)
     return manifest

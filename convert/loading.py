@@ -191,7 +191,7 @@ def load_tiny_vae(source: str, latent_channels: int) -> TinyVae:
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
             raise InputError(f"--tiny-vae {config}: not a valid JSON object") from None
         if kind != "AutoencoderTiny":
-            raise InputError(f"--tiny-vae {source}: a {kind or 'unknown model'}, expected an AutoencoderTiny (TAESD)")
+            raise InputError(f"--tiny-vae {source}: {kind or 'an unknown model'}, expected an AutoencoderTiny (TAESD)")
     try:
         vae = AutoencoderTiny.from_pretrained(source, torch_dtype=_float32())
     except Exception as exc:  # missing weights, a hub id that cannot be fetched: one line either way

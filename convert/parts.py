@@ -357,19 +357,18 @@ def final_layer_norm(text_encoder) -> dict[str, np.ndarray]:
     }
 
 
-def trace_size(pipe) -> ExportSize:
-    """The size parts are traced at.
+def trace_size(factor: int) -> ExportSize:
+    """The size parts are traced at (``factor``: pixels per latent cell).
 
     The latent width is deliberately odd, so *not* a multiple of the U-Net's total downsampling (2 per level
     below the first): diffusers' U-Net then passes each skip connection's size to its upsamplers, and the trace
     records that as a dynamic size, so the exported graph accepts every multiple of 8 pixels, not only multiples
     of the downsampling.
     """
-    factor = vae_scale_factor(pipe)
     return ExportSize(batch=1, height=12 * factor, width=9 * factor)
 
 
-def validation_size(pipe) -> ExportSize:
-    """A different batch and size than the trace, so that validation also proves the dynamic axes."""
-    factor = vae_scale_factor(pipe)
+def validation_size(factor: int) -> ExportSize:
+    """A different batch and size than the trace, so that validation also proves the dynamic axes (``factor``:
+    pixels per latent cell)."""
     return ExportSize(batch=2, height=16 * factor, width=8 * factor)

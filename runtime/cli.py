@@ -180,17 +180,24 @@ def _preview_writer(pipe, output: Path, every: int, quiet: bool):
     return write
 
 
-def cmd_convert(args: argparse.Namespace) -> int:
-    """Convert a checkpoint into a converted-model folder."""
+def _converter(command: str):
+    """The converter module, or a one-line error naming the extra ``sdlite COMMAND`` needs."""
     try:
-        from sdlite.convert.converter import convert
-        from sdlite.convert.lora import LoraSpec
+        from sdlite.convert import converter
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.startswith("sdlite"):
             raise
         raise InputError(
-            f"sdlite convert needs the convert extra: pip install 'sdlite[convert]' ({exc.name} is missing)"
+            f"sdlite {command} needs the convert extra: pip install 'sdlite[convert]' ({exc.name} is missing)"
         ) from None
+    return converter
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Convert a checkpoint into a converted-model folder."""
+    convert = _converter("convert").convert
+    from sdlite.convert.lora import LoraSpec
+
     if args.size:
         raise InputError("--size is not supported yet by this version of sdlite convert")
 
@@ -214,6 +221,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     )
     if not args.quiet:
         print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_add_tiny_vae(args: argparse.Namespace) -> int:
+    """Convert a tiny VAE into an existing converted-model folder."""
+    _converter("add-tiny-vae").add_tiny_vae(
+        args.model, args.tiny_vae, validate=not args.no_validate, quiet=args.quiet, overwrite=args.overwrite
+    )
+    if not args.quiet:
+        print(f"added {args.tiny_vae} to {args.model}")
     return 0
 
 
@@ -504,6 +521,18 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--no-validate", action="store_true")
     conv.add_argument("--quiet", action="store_true")
     conv.set_defaults(func=cmd_convert)
+
+    tiny = sub.add_parser(
+        "add-tiny-vae",
+        help="convert a tiny autoencoder (TAESD) into a converted-model folder, for --vae taesd and previews "
+        "(needs sdlite[convert])",
+    )
+    tiny.add_argument("model", help="converted-model folder")
+    tiny.add_argument("tiny_vae", metavar="PATH_OR_ID", help="an AutoencoderTiny folder or hub id (TAESD, TAESDXL)")
+    tiny.add_argument("--overwrite", action="store_true", help="replace the tiny VAE the folder has")
+    tiny.add_argument("--no-validate", action="store_true")
+    tiny.add_argument("--quiet", action="store_true")
+    tiny.set_defaults(func=cmd_add_tiny_vae)
 
     sub.add_parser("samplers", help="list sampler and schedule names").set_defaults(func=cmd_samplers)
 

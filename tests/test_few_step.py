@@ -312,3 +312,41 @@ def test_turbo_default_size_is_the_distilled_one():
     assert preset == "turbo" and default_side("sdxl", preset, 1024) == 512
     assert default_side("sd2", "turbo", 512) == 512
     assert default_side("sdxl", "lightning", 1024) == default_side("sdxl", None, 1024) == 1024
+
+
+def test_tiny_vae_added_to_a_converted_folder(models, tiny_diffusers, tmp_path, capsys):
+    """``sdlite add-tiny-vae`` converts TAESD into a folder converted without one, in the folder's formats, leaves
+    the model's parts untouched, and decodes as a folder converted with ``--tiny-vae`` does; bad input changes
+    nothing."""
+    from sdlite.cli import main
+    from sdlite.convert.converter import convert
+    from sdlite.hashing import sha256_file
+
+    folder = tmp_path / "plain"
+    convert(str(tiny_diffusers), folder, formats=["onnx", "openvino"], precisions=["fp32", "fp16"], quiet=True)
+    before = {path: sha256_file(path) for path in folder.rglob("*") if path.is_file() and path.name != "sdlite.json"}
+    manifest_before = (folder / "sdlite.json").read_text()
+
+    assert main(["add-tiny-vae", str(folder), str(tiny_diffusers / "vae"), "--quiet"]) == 2
+    assert "vae: AutoencoderKL, expected an AutoencoderTiny (TAESD)" in capsys.readouterr().err
+    assert (folder / "sdlite.json").read_text() == manifest_before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["plain"]
+
+    assert main(["add-tiny-vae", str(folder), str(models / "taesd"), "--quiet"]) == 0
+    assert all(sha256_file(path) == digest for path, digest in before.items())
+    manifest = json.loads((folder / "sdlite.json").read_text())
+    assert manifest["tiny_vae"] == "taesd"
+    for part in ("taesd_encoder", "taesd_decoder"):
+        variants = {(v["format"], v["precision"]) for v in manifest["components"][part]}
+        assert variants == {(f, p) for f in ("onnx", "openvino") for p in ("fp32", "fp16")}
+        assert all(v["validation"]["passed"] for v in manifest["components"][part])
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["plain"]
+
+    latents = NoiseGenerator(3).randn((1, 4, 8, 8))
+    added = Pipeline.load(folder, vae="taesd", precision="fp32").vae.decode(latents)
+    np.testing.assert_allclose(added, Pipeline.load(models / "tiny", vae="taesd").vae.decode(latents), atol=1e-6)
+
+    assert main(["add-tiny-vae", str(folder), str(models / "taesd"), "--quiet"]) == 2
+    assert "already has a tiny VAE (taesd); add --overwrite to replace it" in capsys.readouterr().err
+    assert main(["add-tiny-vae", str(folder), str(models / "taesd"), "--quiet", "--overwrite"]) == 0
+    assert main(["add-tiny-vae", str(tmp_path / "nowhere"), str(models / "taesd")]) == 2
