@@ -13,7 +13,7 @@ from collections import defaultdict
 from collections.abc import Callable
 
 from sdlite.benchmarks.memory import PeakTracker
-from sdlite.layout import TINY_VAE_DECODER
+from sdlite.layout import TEXT_ENCODER_2, TINY_VAE_DECODER
 
 TEXT_ENCODER, UNET, VAE_DECODER = "text_encoder", "unet", "vae_decoder"
 
@@ -60,8 +60,9 @@ class Stages:
         self.calls.clear()
 
 
-# The tiny VAE's decoder, when it makes the image, is the VAE-decode stage.
-_STAGE_OF_PART = {TINY_VAE_DECODER: VAE_DECODER}
+# SDXL's second text encoder is part of the text-encoder stage; the tiny VAE's decoder, when it makes the image,
+# is the VAE-decode stage.
+_STAGE_OF_PART = {TEXT_ENCODER_2: TEXT_ENCODER, TINY_VAE_DECODER: VAE_DECODER}
 
 
 class StageObserver:

@@ -23,16 +23,15 @@ import numpy as np
 
 from sdlite.engines import EditChain, Engine, GraphEdit, load_engine
 from sdlite.errors import InputError
-from sdlite.layout import SAFETY_CHECKER, TEXT_ENCODER_2, check_part_graph, graph_files
+from sdlite.layout import SAFETY_CHECKER, check_part_graph, graph_files
 
 # Resident bytes per byte of graph files: OpenVINO keeps the mapped weights file and its own repacked copy, so
 # about two; onnxruntime holds its arena and initializers about once but pays for activations. Two is the
 # conservative estimate for both.
 RESIDENT_PER_FILE_BYTE = 2
-# Parts whose arithmetic always runs in f32: CLIP's causal mask is float32's lowest value times 0/1 flags,
-# which rounds to -inf in bf16 and turns 0 * -inf into NaN; the safety checker's thresholds decide whether an
-# image is blacked out. Both are a small share of the work.
-F32_PARTS = ("text_encoder", TEXT_ENCODER_2, SAFETY_CHECKER)
+# Parts whose arithmetic always runs in f32: the safety checker's thresholds decide whether an image is blacked
+# out, and it is a small share of the work.
+F32_PARTS = (SAFETY_CHECKER,)
 
 
 class PartObserver(Protocol):

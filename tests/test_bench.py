@@ -220,3 +220,17 @@ def test_bad_usage_is_one_line_and_exit_2(tiny_onnx, capsys, args, message):
     assert sdlite_main(["bench", "-m", str(tiny_onnx), *args]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_sdxl_second_text_encoder_counts_in_the_text_encoder_stage():
+    from sdlite.benchmarks.stages import StageObserver, Stages
+
+    stages = Stages(PeakTracker())
+    observer = StageObserver(stages)
+    for part, seconds in (("text_encoder", 0.1), ("text_encoder_2", 0.3), ("taesd_decoder", 0.05)):
+        observer.before(part, "run")
+        observer.after(part, "run", seconds)
+    stages.finish()
+    assert stages.calls["text_encoder"] == [0.1, 0.3]
+    assert stages.calls["vae_decoder"] == [0.05]
+    assert set(stages.tracker.stages) == {"text_encoder", "vae_decoder"}

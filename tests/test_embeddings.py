@@ -250,7 +250,7 @@ def test_names_match_as_tokens_case_insensitively(ours):
 def test_openvino_engine_gives_the_same_conditioning(text_model_dir, emb_dir, ours):
     from sdlite import Pipeline
 
-    openvino = Pipeline.load(text_model_dir[1], engine="openvino", embeddings=emb_dir)
+    openvino = Pipeline.load(text_model_dir[1], engine="openvino", compute="f32", embeddings=emb_dir)
     prompt = "a (shinystyle:1.3) circle with <tri-toy> " + "dot " * 72
     for clip_skip in (1, 2):
         got = openvino.encode_prompt([prompt], clip_skip=clip_skip)

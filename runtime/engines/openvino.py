@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import openvino as ov
+import openvino.opset13 as ops
 
 from sdlite.engines import COMPUTE_PRECISIONS, GraphEdit
 from sdlite.engines.mapped_pages import ReleasedWhileRunning
@@ -16,6 +17,11 @@ from sdlite.errors import InputError, engine_failure, summarize
 # (bf16 on CPUs with AVX512_BF16 or AMX: a full SD 1.5 U-Net step ran about 2x faster than in f32 on a 2-core EPYC).
 COMPUTE_HINTS = {name: None if name == "auto" else name for name in COMPUTE_PRECISIONS}
 _CORE: ov.Core | None = None
+# What an attention mask's "minus infinity" becomes when the graph computes in a reduced precision. Exported CLIP
+# text encoders fill their causal mask with float32's lowest value, which is -inf in bf16 and f16, and OpenVINO's
+# attention then returns NaN. Half precision's lowest finite value masks as completely: softmax turns any score
+# that far below the row's largest into exactly 0, in every precision.
+REDUCED_PRECISION_MASK_FILL = float(np.finfo(np.float16).min)
 
 
 def core() -> ov.Core:
@@ -47,6 +53,21 @@ def cache_dir() -> Path:
     return Path(root) / "openvino"
 
 
+def _finite_mask_fill(model: ov.Model) -> None:
+    """Replace every scalar float32 constant holding float32's lowest value (a mask's fill) with
+    ``REDUCED_PRECISION_MASK_FILL``, in place."""
+    lowest = float(np.finfo(np.float32).min)
+    for op in model.get_ordered_ops():
+        if (
+            op.get_type_name() == "Constant"
+            and op.get_element_type() == ov.Type.f32
+            and len(op.get_output_shape(0)) == 0
+            and float(op.get_data()) == lowest
+        ):
+            fill = ops.constant(np.float32(REDUCED_PRECISION_MASK_FILL))
+            op.output(0).replace(fill.output(0))
+
+
 class OpenVinoEngine:
     """One graph compiled by OpenVINO for the shapes it is first called with.
 
@@ -73,6 +94,7 @@ class OpenVinoEngine:
         if device.upper() != "AUTO" and device.upper().split(".")[0] not in {d.split(".")[0] for d in devices}:
             raise InputError(f"--device {device}: not available to OpenVINO here; available: {', '.join(devices)}")
         self._device = device.upper()
+        self._compute = compute
         self._config: dict[str, str] = {"CACHE_DIR": str(cache_dir())} if getattr(edit, "cacheable", True) else {}
         # A compiled model imported from the blob cache holds its own repacked copy of every weight; the weights
         # file (or blob) it came from stays mapped but is barely read again, so its pages are given back as it
@@ -104,6 +126,8 @@ class OpenVinoEngine:
         model = core().read_model(str(self._path))
         if self._edit is not None:
             self._edit.edit_openvino(model, self._path)
+        if compute_precision(self._device, self._compute) != "f32":
+            _finite_mask_fill(model)
         return model
 
     def _fit(self, name: str, value: np.ndarray) -> np.ndarray:
