@@ -314,6 +314,14 @@ def _save_weights(weights: dict, path: Path) -> None:
     save_file({k: v.contiguous() for k, v in weights.items()}, path, metadata={"format": "pt"})
 
 
+def _write_diffusers_part(module, weights: dict, folder: Path):
+    """Write a diffusers model's config and ``weights`` into ``folder`` as ``save_pretrained`` lays them out;
+    return the module emptied (on the meta device), enough to describe the pipeline."""
+    module.save_config(folder)
+    _save_weights(weights, folder / "diffusion_pytorch_model.safetensors")
+    return module.to("meta")
+
+
 def _text_encoder(state: Mapping, family: str, encoder: _TextEncoder, config: dict, source: str):
     from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -399,19 +407,15 @@ def unpack_ldm(state: Mapping, source: str, folder: Path, metadata: dict | None 
         unet.register_to_config(sample_size=64)  # 2.x-base: 512 px
     if _ZERO_SNR_KEY in state:
         scheduler_config["rescale_betas_zero_snr"] = True
-    unet.save_config(folder / "unet")
-    _save_weights(weights, folder / "unet" / "diffusion_pytorch_model.safetensors")
+    components["unet"] = _write_diffusers_part(unet, weights, folder / "unet")
     del weights
-    components["unet"] = unet.to("meta")
     bar.update()
 
     vae = _skeleton(lambda: AutoencoderKL(**configs["vae"]), family, source)
     weights = convert_ldm_vae_checkpoint(_float_part(state, VAE), configs["vae"])
     vae = _materialize(vae, weights, "VAE", source)
-    vae.save_config(folder / "vae")
-    _save_weights(weights, folder / "vae" / "diffusion_pytorch_model.safetensors")
+    components["vae"] = _write_diffusers_part(vae, weights, folder / "vae")
     del weights
-    components["vae"] = vae.to("meta")
     bar.update()
 
     for encoder in TEXT_ENCODERS[family]:

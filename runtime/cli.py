@@ -195,14 +195,12 @@ def _converter(command: str):
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """Convert a checkpoint into a converted-model folder."""
-    convert = _converter("convert").convert
-    from sdlite.convert.lora import LoraSpec
-
+    converter = _converter("convert")
     if args.size:
         raise InputError("--size is not supported yet by this version of sdlite convert")
 
     formats = ["onnx", "openvino"] if args.format == "both" else args.format.split(",")
-    convert(
+    converter.convert(
         args.source,
         args.out,
         formats=formats,
@@ -211,7 +209,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         validate=not args.no_validate,
         allow_pickle=args.allow_pickle,
         quiet=args.quiet,
-        loras=[LoraSpec.parse(text) for text in args.lora],
+        loras=[converter.LoraSpec.parse(text) for text in args.lora],
         token_merging=args.token_merging,
         memory_budget_gb=args.memory_budget,
         resume=args.resume,

@@ -16,6 +16,16 @@ _RESNET = {
     "conv_shortcut": "skip_connection",
 }
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+# Widths at which the families' own hyperparameters (32 GroupNorm groups, 64-wide text heads) hold, so a file
+# needs no metadata: what a real checkpoint looks like, shrunk (``dataclasses.replace`` on a tiny recipe).
+LDM_SHAPED_WIDTHS = {
+    "unet_groups": 32,
+    "vae_channels": (32, 32, 64, 64),
+    "vae_groups": 32,
+    "text_hidden": 64,
+    "text_ffn": 128,
+    "text_heads": 1,
+}
 
 
 def _unet_key(key: str, config) -> str:

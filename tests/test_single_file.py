@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from ldm_layout import open_clip_state, to_ldm_state
+from ldm_layout import LDM_SHAPED_WIDTHS, open_clip_state, to_ldm_state
 from safetensors.torch import save_file
 
 from sdlite.cli import main
@@ -21,20 +21,11 @@ from sdlite.errors import InputError
 pytestmark = pytest.mark.torch
 
 
-# Widths at which the family's own hyperparameters (32 GroupNorm groups, 8 U-Net heads, 64-wide text
-# heads) hold, so the file needs no metadata: what a real SD 1.x file looks like, shrunk.
+# A real SD 1.x file's shape, shrunk (the tiny recipe's 8 U-Net heads are SD 1.x's too).
 def _ldm_widths():
     from sdlite.models.recipes import RECIPES
 
-    return dataclasses.replace(
-        RECIPES["tiny"],
-        unet_groups=32,
-        vae_channels=(32, 32, 64, 64),
-        vae_groups=32,
-        text_hidden=64,
-        text_ffn=128,
-        text_heads=1,
-    )
+    return dataclasses.replace(RECIPES["tiny"], **LDM_SHAPED_WIDTHS)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from ldm_layout import to_ldm_state
+from ldm_layout import LDM_SHAPED_WIDTHS, to_ldm_state
 from safetensors.torch import save_file
 
 from sdlite import Pipeline
@@ -103,14 +103,9 @@ def test_sdxl_shaped_file_needs_no_metadata(tmp_path):
 
     widths = dataclasses.replace(
         RECIPES["tiny-sdxl"],
+        **LDM_SHAPED_WIDTHS,
         unet_channels=(64, 128),
         unet_head_dim=64,
-        unet_groups=32,
-        vae_channels=(32, 32, 64, 64),
-        vae_groups=32,
-        text_hidden=64,
-        text_ffn=128,
-        text_heads=1,
         text2_hidden=128,
         text2_ffn=256,
         text2_heads=2,
