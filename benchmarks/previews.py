@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    decoder = pipe.preview_codec.decoder_part
-    print(f"model {pipe.folder.manifest.name}, previews decoded by {decoder}")
+    graph = pipe.parts.path(pipe.preview_codec.decoder_part).relative_to(pipe.folder.path)
+    print(f"model {pipe.folder.manifest.name}, previews decoded by {graph}")
     print(
         f"U-Net step {result['unet_step_ms']:.1f} ms, preview {result['preview_ms']:.1f} ms (medians): "
         f"preview / step = {result['preview_ms'] / result['unet_step_ms']:.3f}"

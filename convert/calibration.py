@@ -1,7 +1,9 @@
-"""Calibration data for int8 activations: the U-Net's real inputs while the model generates real prompts.
+"""Calibration data for int8 activations: the U-Net's real inputs while the model generates real prompts, and the
+tiny VAE decoder's latents of images.
 
 Quantization ranges fitted to random noise misjudge the activations a U-Net sees in use, so
-the converter runs the PyTorch pipeline on a few everyday prompts and records every U-Net call.
+the converter runs the PyTorch pipeline on a few everyday prompts and records every U-Net call. The tiny decoder
+is calibrated on what its own encoder makes of synthetic images with the ingredients of photographs.
 """
 
 from __future__ import annotations
@@ -70,3 +72,45 @@ def calibration_inputs(pipe, quiet: bool = True) -> list[dict[str, np.ndarray]]:
     finally:
         handle.remove()
     return records
+
+
+# Synthetic images for the tiny decoder's calibration: enough to cover flat areas, gradients, edges and texture.
+TINY_DECODER_IMAGES = 8
+
+
+def synthetic_images(count: int, side: int, seed: int = 0) -> np.ndarray:
+    """``count`` deterministic images (N, 3, side, side) in -1..1: smooth colour fields (a few random colours
+    interpolated across the image), hard-edged discs and boxes in other colours, and grain of a different
+    strength in each."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    images = []
+    for index in range(count):
+        cells = rng.integers(2, 6)
+        field = rng.integers(0, 256, (cells, cells, 3), dtype=np.uint8)
+        image = Image.fromarray(field).resize((side, side), Image.BICUBIC)
+        draw = ImageDraw.Draw(image)
+        for _ in range(rng.integers(1, 6)):
+            x0, y0 = rng.integers(0, side, 2)
+            extent = rng.integers(side // 16, side // 2)
+            box = (int(x0), int(y0), int(x0 + extent), int(y0 + extent))
+            colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
+        pixels = np.asarray(image, np.float32) / 127.5 - 1
+        pixels += rng.normal(0, 0.25 * index / count, pixels.shape).astype(np.float32)
+        images.append(np.clip(pixels, -1, 1).transpose(2, 0, 1))
+    return np.stack(images)
+
+
+def tiny_decoder_inputs(vae, side: int) -> list[dict[str, np.ndarray]]:
+    """Calibration samples of a tiny VAE's decoder (diffusers ``AutoencoderTiny``): its encoder's latents of
+    ``synthetic_images`` at ``side`` x ``side`` pixels, one per sample, named as the exported decoder's input."""
+    import torch
+
+    samples = []
+    with torch.no_grad():
+        for image in synthetic_images(TINY_DECODER_IMAGES, side):
+            latents = vae.encode(torch.from_numpy(image[None]), return_dict=False)[0]
+            samples.append({"latent_sample": latents.numpy().copy()})
+    return samples

@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 
 from sdlite.convert.attention import ATTENTION_VARIANTS, fuse_onnx_attention, set_attention
-from sdlite.convert.calibration import calibration_cells, calibration_inputs
+from sdlite.convert.calibration import CALIBRATION_MAX_CELLS, calibration_cells, calibration_inputs, tiny_decoder_inputs
 from sdlite.convert.geglu import split_geglu
 from sdlite.convert.journal import Journal, work_dir
 from sdlite.convert.loading import TinyVae, load_checkpoint, load_tiny_vae, quiet_diffusers
 from sdlite.convert.lora import LoraSpec, fuse_loras
 from sdlite.convert.memory_plan import GB, Step, check_plan, default_budget, make_step
 from sdlite.convert.onnx_export import export_onnx, save_onnx
-from sdlite.convert.parts import ExportSize, final_layer_norm, part_spec, trace_size, vae_scale_factor, validation_size
+from sdlite.convert.parts import final_layer_norm, part_spec, trace_size, vae_scale_factor, validation_size
 from sdlite.convert.phases import PhaseMeter
 from sdlite.convert.presets import CHOICES as PRESET_CHOICES
 from sdlite.convert.presets import FAMILY_DEFAULTS, default_side, model_defaults
@@ -35,6 +35,7 @@ from sdlite.layout import (
     SCHEDULER_CONFIG,
     SDXL_FAMILIES,
     TEXT_ENCODER_2,
+    TINY_VAE_DECODER,
     TINY_VAE_PARTS,
     TOKENIZER_2_DIR,
     TOKENIZER_DIR,
@@ -171,19 +172,29 @@ def _weight_sizes(module) -> tuple[int, int]:
 
 def _tiny_parts(tiny: TinyVae, formats: list[str], precisions: list[str]) -> dict[str, _Part]:
     """The tiny VAE's encoder and decoder, in fp32 and, when the model has a reduced precision, fp16 (its weights
-    are a few MB: int8 would save nothing worth its error)."""
+    are a few MB: int8 weights would save nothing worth their error); with a W8A8 model, its decoder in OpenVINO
+    W8A8 too (int8 activations halve the time of its full-resolution convolutions, which every preview runs)."""
     tiny_precisions = ["fp32", *(["fp16"] if set(precisions) - {"fp32"} else [])]
     jobs = [(fmt, precision) for precision in tiny_precisions for fmt in formats]
     sizes = _weight_sizes(tiny.vae)
-    return {
+    parts = {
         name: _Part(part_spec(name, tiny.vae), tiny.vae, jobs, tiny_precisions, "plain", *sizes)
         for name in TINY_VAE_PARTS
     }
+    if "w8a8" in precisions and "openvino" in formats:
+        decoder = parts[TINY_VAE_DECODER]
+        decoder.jobs = [*jobs, ("openvino", "w8a8")]
+        decoder.precisions = [*tiny_precisions, "w8a8"]
+    return parts
+
+
+# The parts whose ``w8a8`` variant has int8 activations; for the others it means int8 weights.
+ACTIVATION_QUANTIZED_PARTS = ("unet", TINY_VAE_DECODER)
 
 
 def _part_precision(part: str, precision: str) -> str:
-    """Only the U-Net gets int8 activations; for the other parts ``w8a8`` means int8 weights."""
-    return "int8" if precision == "w8a8" and part != "unet" else precision
+    """The precision a part's ``precision`` variant is made in (``ACTIVATION_QUANTIZED_PARTS``)."""
+    return "int8" if precision == "w8a8" and part not in ACTIVATION_QUANTIZED_PARTS else precision
 
 
 def _calibrates(name: str, part: _Part) -> bool:
@@ -216,12 +227,12 @@ class _Run:
     token_merging: float
     validate: bool
     quiet: bool
-    sizes: tuple[ExportSize, ExportSize]  # the trace's and the validation's
+    factor: int  # pixels per latent cell
     # The final layer norm the text encoder's variants carry (SD 1.x/2.x clip skip), None when it has none.
     norm: dict | None = None
     tiny: TinyVae | None = None
 
-    def export_base(self, name: str, part: _Part, sizes: tuple, calibrate: bool) -> _Base:
+    def export_base(self, name: str, part: _Part, calibrate: bool) -> _Base:
         """The part's fp32 ONNX export (for OpenVINO with fused attention, its IR from PyTorch; with sliced, the
         plain graph), the PyTorch outputs its variants are validated against and, for a W8A8 U-Net, the
         calibration samples: exported once, journaled."""
@@ -237,7 +248,7 @@ class _Run:
         arrays_dir = root / ".base" / f"{name}-arrays"
         record = journal.finished(f"{name}/base")
         if record is None:
-            trace, check = sizes
+            trace, check = trace_size(self.factor), validation_size(self.factor)
             module = spec.wrap(part.source)
             dummy = spec.dummy_inputs(part.source, trace)
             with meter.phase(name, "fp32", "export"):
@@ -270,9 +281,12 @@ class _Run:
                     # diffusers' own attention (PyTorch's SDPA, which never holds the score matrix: the full
                     # SD 1.5 U-Net at 512x512 peaks about 2 GB lower than with the plain processors) and no
                     # token merging: the samples are what the pipeline feeds its U-Net.
-                    set_attention(pipe, "fused")
-                    samples = calibration_inputs(pipe, self.quiet)
-                    set_attention(pipe, part.attention, self.token_merging)
+                    if name == TINY_VAE_DECODER:
+                        samples = tiny_decoder_inputs(self.tiny.vae, CALIBRATION_MAX_CELLS * self.factor)
+                    else:
+                        set_attention(pipe, "fused")
+                        samples = calibration_inputs(pipe, self.quiet)
+                        set_attention(pipe, part.attention, self.token_merging)
                 flat = {f"{i}/{k}": v for i, sample in enumerate(samples) for k, v in sample.items()}
                 files.append(_save_arrays(arrays_dir / "calibration.npz", flat))
             journal.record(f"{name}/base", files)
@@ -313,7 +327,7 @@ class _Run:
         for name, part in parts.items():
             # A part whose variants are all finished (a resumed conversion) needs no exports any more.
             done = all(journal.finished(f"{name}/{fmt}/{precision}") is not None for fmt, precision in part.jobs)
-            base = None if done else self.export_base(name, part, self.sizes, _calibrates(name, part))
+            base = None if done else self.export_base(name, part, _calibrates(name, part))
             meter.advance(units[(name, "fp32", "export")] + units.get((name, "w8a8", "calibrate"), 0))
             # The part's module (or the wrapper around it) goes with its export; the pipeline keeps a module
             # only until its last part is exported (the U-Net's calibration runs the text encoder).
@@ -472,7 +486,7 @@ def convert(
     full-resolution self-attentions (ToMe, see ``sdlite.convert.token_merging``): faster, and a different
     image. ``verbose`` prints each phase's seconds and peak memory at the end (otherwise only the largest).
     ``tiny_vae`` (an AutoencoderTiny folder or hub id: TAESD) is converted beside the VAE, in fp32 and, when a
-    reduced precision is asked for, fp16 (its weights are a few MB: int8 would save nothing worth its error).
+    reduced precision is asked for, fp16, its decoder also in W8A8 with W8A8 (``_tiny_parts``).
     ``preset`` names the few-step family whose generation defaults go into the manifest ("auto": detected, see
     ``sdlite.convert.presets``).
     """
@@ -570,9 +584,8 @@ def convert(
         _save_configs(pipe, family, journal.root, loaded, tiny)
         # SD 1.x/2.x clip skip normalises an earlier layer with the final layer norm; SDXL uses layers unnormalised.
         norm = final_layer_norm(pipe.text_encoder) if family not in SDXL_FAMILIES else None
-        sizes = (trace_size(factor), validation_size(factor))
         run = _Run(
-            journal, meter, units, pipe, family, loaded, formats, token_merging, validate, quiet, sizes, norm, tiny
+            journal, meter, units, pipe, family, loaded, formats, token_merging, validate, quiet, factor, norm, tiny
         )
         manifest.components = run.run_parts(parts)
     except BaseException as exc:
@@ -630,14 +643,14 @@ def add_tiny_vae(
     check_plan(steps, default_budget(), given=False)
 
     root = folder.parent / f".{folder.name}.sdlite-tiny-vae"
+    factor = opened.latent_factor
     journal = Journal(root, {"tiny_vae": tiny.name}, resume=False)
     meter = PhaseMeter(sum(step.seconds for step in steps), quiet)
     units = {(step.part, step.variant, step.kind): step.seconds for step in steps}
-    sizes = (trace_size(opened.latent_factor), validation_size(opened.latent_factor))
     try:
         for name in TINY_VAE_PARTS:
             tiny.vae.save_config(root / name)
-        run = _Run(journal, meter, units, None, manifest.family, None, formats, 0.0, validate, quiet, sizes, None, tiny)
+        run = _Run(journal, meter, units, None, manifest.family, None, formats, 0.0, validate, quiet, factor, tiny=tiny)
         components = run.run_parts(parts)
     except BaseException:
         meter.close()

@@ -350,3 +350,29 @@ def test_tiny_vae_added_to_a_converted_folder(models, tiny_diffusers, tmp_path, 
     assert "already has a tiny VAE (taesd); add --overwrite to replace it" in capsys.readouterr().err
     assert main(["add-tiny-vae", str(folder), str(models / "taesd"), "--quiet", "--overwrite"]) == 0
     assert main(["add-tiny-vae", str(tmp_path / "nowhere"), str(models / "taesd")]) == 2
+
+
+# W8A8 tiny decoder against the float32 one, 0..1 pixels (random tiny weights: 0.04 here).
+W8A8_DECODE_ATOL = 0.1
+
+
+def test_w8a8_model_gets_a_w8a8_tiny_decoder(all_precisions, models, tmp_path):
+    """A W8A8 model's tiny decoder gets an OpenVINO W8A8 variant (calibrated on its own encoder's latents of
+    synthetic images), which the W8A8 pipeline decodes and previews with; the encoder stays float."""
+    from sdlite.convert.converter import add_tiny_vae
+
+    folder = tmp_path / "all"
+    shutil.copytree(all_precisions, folder)
+    manifest = add_tiny_vae(folder, str(models / "taesd"), quiet=True)
+    decoder = {(v.format, v.precision): v for v in manifest.components["taesd_decoder"]}
+    assert ("openvino", "w8a8") in decoder and ("onnx", "w8a8") not in decoder
+    assert decoder["openvino", "w8a8"].validation["passed"]
+    assert {v.precision for v in manifest.components["taesd_encoder"]} == {"fp32", "fp16"}
+
+    pipe = Pipeline.load(folder, engine="openvino", precision="w8a8", vae="taesd")
+    assert pipe.parts.path("taesd_decoder").parent.name == "w8a8"
+    latents = NoiseGenerator(3).randn((1, 4, 16, 16))
+    float32 = Pipeline.load(folder, engine="openvino", precision="fp32", compute="f32", vae="taesd")
+    expected = float32.vae.decode(latents)
+    assert np.abs(pipe.vae.decode(latents) - expected).max() < W8A8_DECODE_ATOL
+    assert np.abs(np.asarray(pipe.preview(latents)[0]) / 255 - expected[0]).max() < W8A8_DECODE_ATOL + 1 / 255
