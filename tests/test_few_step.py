@@ -314,16 +314,20 @@ def test_turbo_default_size_is_the_distilled_one():
     assert default_side("sdxl", "lightning", 1024) == default_side("sdxl", None, 1024) == 1024
 
 
-def test_tiny_vae_added_to_a_converted_folder(models, tiny_diffusers, tmp_path, capsys):
-    """``sdlite add-tiny-vae`` converts TAESD into a folder converted without one, in the folder's formats, leaves
-    the model's parts untouched, and decodes as a folder converted with ``--tiny-vae`` does; bad input changes
-    nothing."""
+# W8A8 tiny decoder against the float32 one, 0..1 pixels (random tiny weights: 0.04 here).
+W8A8_DECODE_ATOL = 0.1
+
+
+def test_tiny_vae_added_to_a_converted_folder(models, tiny_diffusers, all_precisions, tmp_path, capsys):
+    """``sdlite add-tiny-vae`` converts TAESD into a folder converted without one, in the folder's formats (the
+    decoder also in OpenVINO W8A8, calibrated on its encoder's latents of synthetic images, for a W8A8 folder),
+    leaves the model's parts untouched, and decodes as a folder converted with ``--tiny-vae`` does; the W8A8
+    pipeline decodes and previews with the W8A8 decoder; bad input changes nothing."""
     from sdlite.cli import main
-    from sdlite.convert.converter import convert
     from sdlite.hashing import sha256_file
 
     folder = tmp_path / "plain"
-    convert(str(tiny_diffusers), folder, formats=["onnx", "openvino"], precisions=["fp32", "fp16"], quiet=True)
+    shutil.copytree(all_precisions, folder)
     before = {path: sha256_file(path) for path in folder.rglob("*") if path.is_file() and path.name != "sdlite.json"}
     manifest_before = (folder / "sdlite.json").read_text()
 
@@ -336,9 +340,9 @@ def test_tiny_vae_added_to_a_converted_folder(models, tiny_diffusers, tmp_path, 
     assert all(sha256_file(path) == digest for path, digest in before.items())
     manifest = json.loads((folder / "sdlite.json").read_text())
     assert manifest["tiny_vae"] == "taesd"
-    for part in ("taesd_encoder", "taesd_decoder"):
-        variants = {(v["format"], v["precision"]) for v in manifest["components"][part]}
-        assert variants == {(f, p) for f in ("onnx", "openvino") for p in ("fp32", "fp16")}
+    floats = {(f, p) for f in ("onnx", "openvino") for p in ("fp32", "fp16")}
+    for part, expected in (("taesd_encoder", floats), ("taesd_decoder", floats | {("openvino", "w8a8")})):
+        assert {(v["format"], v["precision"]) for v in manifest["components"][part]} == expected
         assert all(v["validation"]["passed"] for v in manifest["components"][part])
     assert sorted(path.name for path in tmp_path.iterdir()) == ["plain"]
 
@@ -346,33 +350,15 @@ def test_tiny_vae_added_to_a_converted_folder(models, tiny_diffusers, tmp_path, 
     added = Pipeline.load(folder, vae="taesd", precision="fp32").vae.decode(latents)
     np.testing.assert_allclose(added, Pipeline.load(models / "tiny", vae="taesd").vae.decode(latents), atol=1e-6)
 
+    w8a8 = Pipeline.load(folder, engine="openvino", precision="w8a8", vae="taesd")
+    assert w8a8.parts.path("taesd_decoder").parent.name == "w8a8"
+    latents = NoiseGenerator(3).randn((1, 4, 16, 16))
+    float32 = Pipeline.load(folder, engine="openvino", precision="fp32", compute="f32", vae="taesd")
+    expected = float32.vae.decode(latents)
+    assert np.abs(w8a8.vae.decode(latents) - expected).max() < W8A8_DECODE_ATOL
+    assert np.abs(np.asarray(w8a8.preview(latents)[0]) / 255 - expected[0]).max() < W8A8_DECODE_ATOL + 1 / 255
+
     assert main(["add-tiny-vae", str(folder), str(models / "taesd"), "--quiet"]) == 2
     assert "already has a tiny VAE (taesd); add --overwrite to replace it" in capsys.readouterr().err
     assert main(["add-tiny-vae", str(folder), str(models / "taesd"), "--quiet", "--overwrite"]) == 0
     assert main(["add-tiny-vae", str(tmp_path / "nowhere"), str(models / "taesd")]) == 2
-
-
-# W8A8 tiny decoder against the float32 one, 0..1 pixels (random tiny weights: 0.04 here).
-W8A8_DECODE_ATOL = 0.1
-
-
-def test_w8a8_model_gets_a_w8a8_tiny_decoder(all_precisions, models, tmp_path):
-    """A W8A8 model's tiny decoder gets an OpenVINO W8A8 variant (calibrated on its own encoder's latents of
-    synthetic images), which the W8A8 pipeline decodes and previews with; the encoder stays float."""
-    from sdlite.convert.converter import add_tiny_vae
-
-    folder = tmp_path / "all"
-    shutil.copytree(all_precisions, folder)
-    manifest = add_tiny_vae(folder, str(models / "taesd"), quiet=True)
-    decoder = {(v.format, v.precision): v for v in manifest.components["taesd_decoder"]}
-    assert ("openvino", "w8a8") in decoder and ("onnx", "w8a8") not in decoder
-    assert decoder["openvino", "w8a8"].validation["passed"]
-    assert {v.precision for v in manifest.components["taesd_encoder"]} == {"fp32", "fp16"}
-
-    pipe = Pipeline.load(folder, engine="openvino", precision="w8a8", vae="taesd")
-    assert pipe.parts.path("taesd_decoder").parent.name == "w8a8"
-    latents = NoiseGenerator(3).randn((1, 4, 16, 16))
-    float32 = Pipeline.load(folder, engine="openvino", precision="fp32", compute="f32", vae="taesd")
-    expected = float32.vae.decode(latents)
-    assert np.abs(pipe.vae.decode(latents) - expected).max() < W8A8_DECODE_ATOL
-    assert np.abs(np.asarray(pipe.preview(latents)[0]) / 255 - expected[0]).max() < W8A8_DECODE_ATOL + 1 / 255
