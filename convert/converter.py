@@ -234,8 +234,8 @@ class _Run:
 
     def export_base(self, name: str, part: _Part, calibrate: bool) -> _Base:
         """The part's fp32 ONNX export (for OpenVINO with fused attention, its IR from PyTorch; with sliced, the
-        plain graph), the PyTorch outputs its variants are validated against and, for a W8A8 U-Net, the
-        calibration samples: exported once, journaled."""
+        plain graph), the PyTorch outputs its variants are validated against and, for a W8A8 U-Net or tiny
+        decoder, the calibration samples: exported once, journaled."""
         journal, meter, pipe, formats = self.journal, self.meter, self.pipe, self.formats
         root, spec = journal.root, part.spec
         onnx_dir = (
@@ -278,12 +278,12 @@ class _Run:
             files.append(_save_arrays(arrays_dir / "check.npz", check_file))
             if calibrate:
                 with meter.phase(name, "w8a8", "calibrate"):
-                    # diffusers' own attention (PyTorch's SDPA, which never holds the score matrix: the full
-                    # SD 1.5 U-Net at 512x512 peaks about 2 GB lower than with the plain processors) and no
-                    # token merging: the samples are what the pipeline feeds its U-Net.
                     if name == TINY_VAE_DECODER:
                         samples = tiny_decoder_inputs(self.tiny.vae, CALIBRATION_MAX_CELLS * self.factor)
                     else:
+                        # diffusers' own attention (PyTorch's SDPA, which never holds the score matrix: the full
+                        # SD 1.5 U-Net at 512x512 peaks about 2 GB lower than with the plain processors) and no
+                        # token merging: the samples are what the pipeline feeds its U-Net.
                         set_attention(pipe, "fused")
                         samples = calibration_inputs(pipe, self.quiet)
                         set_attention(pipe, part.attention, self.token_merging)
