@@ -144,8 +144,9 @@ def _near(folder, part: str, precision: str) -> str | None:
 
 
 def taesd_decoder(model: str, threads: int):
-    """The model folder's OpenVINO TAESD decoder as a drop-in for a diffusers VAE's ``decode`` (latents divided by
-    the VAE's scaling factor in, images in -1..1 out): what FastSD CPU swaps into optimum-intel's pipelines."""
+    """The model folder's OpenVINO TAESD decoder (its fp16 variant) as a drop-in for a diffusers VAE's ``decode``
+    (latents divided by the VAE's scaling factor in, images in -1..1 out): what FastSD CPU swaps into
+    optimum-intel's pipelines; and the precision of the variant used."""
     import openvino as ov
     import torch
 
@@ -153,9 +154,9 @@ def taesd_decoder(model: str, threads: int):
     from sdlite.model_folder import ModelFolder
 
     folder = ModelFolder.open(model)
-    graph = folder.graph(
-        TINY_VAE_DECODER, ("openvino",), folder.tiny_vae_precision(TINY_VAE_DECODER, ("openvino",), "fp16")
-    )
+    precision = folder.tiny_vae_precision(TINY_VAE_DECODER, ("openvino",), "fp16")
+    graph = folder.graph(TINY_VAE_DECODER, ("openvino",), precision)
+    precision = folder.variant(TINY_VAE_DECODER, ("openvino",), precision).precision
     compiled = ov.Core().compile_model(str(graph), "CPU", {"INFERENCE_NUM_THREADS": str(threads)})
 
     def swap(pipe) -> None:
@@ -168,7 +169,7 @@ def taesd_decoder(model: str, threads: int):
 
         pipe.vae.decode = decode
 
-    return swap
+    return swap, precision
 
 
 def _instrument(pipe, stages: Stages) -> None:
@@ -214,8 +215,10 @@ def run_peer(job) -> dict:
         )
         pipe.set_progress_bar_config(disable=True)
         if settings.vae == "taesd":
-            taesd_decoder(settings.model, settings.threads)(pipe)
-            info["note"] = (info.get("note", "") + "; " if info.get("note") else "") + "VAE decoder: OpenVINO TAESD"
+            swap, precision = taesd_decoder(settings.model, settings.threads)
+            swap(pipe)
+            decoder = f"VAE decoder: OpenVINO TAESD {precision}"
+            info["note"] = (info.get("note", "") + "; " if info.get("note") else "") + decoder
         return pipe, info
 
     return measure(job, load, _instrument, _generate) | {"folder": job.options["folder"]}
