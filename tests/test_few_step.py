@@ -358,6 +358,16 @@ def test_tiny_vae_added_to_a_converted_folder(models, tiny_diffusers, all_precis
     assert np.abs(w8a8.vae.decode(latents) - expected).max() < W8A8_DECODE_ATOL
     assert np.abs(np.asarray(w8a8.preview(latents)[0]) / 255 - expected[0]).max() < W8A8_DECODE_ATOL + 1 / 255
 
+    # The bench's W8A8 row decodes with the W8A8 decoder; a peer gets the folder's fp16 one in place of its VAE's.
+    report = tmp_path / "report"
+    args = ["bench", "-m", str(folder), "--size", "64x64", "--steps", "2", "--cfg", "1", "--vae", "taesd"]
+    args += ["--engine", "openvino", "--precision", "w8a8", "--warmup-steps", "0", "--gemm-size", "0", "--peers"]
+    args += ["--source", str(tiny_diffusers), "--peer", "diffusers-torch fp32", "--report", str(report), "--quiet"]
+    assert main(args) == 0
+    rows = {row["name"]: row for row in json.loads((report / "report.json").read_text())["rows"]}
+    assert rows["sdlite openvino w8a8 auto"]["status"] == "ok"
+    assert rows["diffusers-torch fp32"]["note"] == "VAE decoder: OpenVINO TAESD fp16"
+
     assert main(["add-tiny-vae", str(folder), str(models / "taesd"), "--quiet"]) == 2
     assert "already has a tiny VAE (taesd); add --overwrite to replace it" in capsys.readouterr().err
     assert main(["add-tiny-vae", str(folder), str(models / "taesd"), "--quiet", "--overwrite", "--no-validate"]) == 0
