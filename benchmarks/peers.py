@@ -154,9 +154,9 @@ def taesd_decoder(model: str, threads: int):
     from sdlite.model_folder import ModelFolder
 
     folder = ModelFolder.open(model)
-    precision = folder.tiny_vae_precision(TINY_VAE_DECODER, ("openvino",), "fp16")
-    graph = folder.graph(TINY_VAE_DECODER, ("openvino",), precision)
-    precision = folder.variant(TINY_VAE_DECODER, ("openvino",), precision).precision
+    wanted = folder.tiny_vae_precision(TINY_VAE_DECODER, ("openvino",), "fp16")  # None: the first held
+    graph = folder.graph(TINY_VAE_DECODER, ("openvino",), wanted)
+    precision = folder.variant(TINY_VAE_DECODER, ("openvino",), wanted).precision
     compiled = ov.Core().compile_model(str(graph), "CPU", {"INFERENCE_NUM_THREADS": str(threads)})
 
     def swap(pipe) -> None:

@@ -638,8 +638,8 @@ def add_tiny_vae(
     formats = [fmt for fmt in FORMATS if any(variant.format == fmt for variant in variants)]
     precisions = sorted({variant.precision for variant in variants})
     parts = _tiny_parts(tiny, formats, precisions)
-    latent_cells = calibration_cells(opened.part_config("unet").get("sample_size", 64)) ** 2
-    steps = _plan(parts, formats, latent_cells, validate)
+    # The only calibrated step here is the tiny decoder's, at CALIBRATION_MAX_CELLS (``_Run.export_base``).
+    steps = _plan(parts, formats, CALIBRATION_MAX_CELLS**2, validate)
     check_plan(steps, default_budget(), given=False)
 
     root = folder.parent / f".{folder.name}.sdlite-tiny-vae"
