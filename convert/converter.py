@@ -24,7 +24,15 @@ from sdlite.convert.presets import CHOICES as PRESET_CHOICES
 from sdlite.convert.presets import FAMILY_DEFAULTS, default_side, model_defaults
 from sdlite.convert.token_merging import MAX_RATIO
 from sdlite.convert.validate import ValidationError, reference_outputs, validate_graph
-from sdlite.convert.variants import FORMATS, PRECISIONS, derive, link_files, onnx_to_openvino, save_ir
+from sdlite.convert.variants import (
+    FORMATS,
+    PRECISIONS,
+    derive,
+    link_files,
+    onnx_to_openvino,
+    remove_steps_left,
+    save_ir,
+)
 from sdlite.errors import InputError, SdliteError
 from sdlite.layout import (
     CONFIG_NAME,
@@ -577,6 +585,7 @@ def convert(
         "tiny_vae": tiny.name if tiny else None,
     }
     journal = Journal(work_dir(out), options, resume)
+    remove_steps_left(journal.root / ".base")
     meter = PhaseMeter(sum(step.seconds for step in steps), quiet)
     units = {(step.part, step.variant, step.kind): step.seconds for step in steps}
     try:

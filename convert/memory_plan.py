@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sdlite.convert.w8a8_statistics import PIECE_BYTES
 from sdlite.errors import InputError
 from sdlite.vae import available_memory
 
@@ -26,7 +27,8 @@ class StepCost:
     """What one kind of step costs: peak bytes ``fixed + per_weight_byte * W + per_conv_byte * C`` and
     ``seconds_per_gb * W / GB`` seconds, for a part of ``W`` float32 weight bytes of which ``C`` are convolution
     kernels; W8A8 steps add their activations and time per latent cell of the calibration samples (the
-    quantizer inputs NNCF's statistics runs hold grow with the other layers' weights, ``W - C``)."""
+    quantizer inputs NNCF's statistics runs hold grow with the other layers' weights, ``W - C``). A step that
+    compiles at most ``piece_bytes`` of the weights at once holds that share of them and of the activations."""
 
     per_weight_byte: float
     fixed_bytes: float
@@ -35,6 +37,7 @@ class StepCost:
     seconds_per_gb_cell: float = 0.0
     per_conv_byte: float = 0.0
     per_linear_byte_cell: float = 0.0
+    piece_bytes: float = float("inf")
 
 
 # Fitted to the full SD 1.5 parts (text encoder W = 0.49 GB, U-Net 3.44 GB, VAE 0.33 GB) converted on a 2-core
@@ -49,8 +52,8 @@ STEP_COST = {
     "onnx-int8": StepCost(0.3, 1.5 * GB, 2),
     "int8": StepCost(0.2, 0.5 * GB, 5),
     # Also fitted to SDXL's U-Net (W 10.3 GB, C 1.3 GB), whose second statistics run passed 24.4 GB at 64x64 cells
-    # (SD 1.5's, 5.4 GB, is then overestimated by a fifth).
-    "w8a8": StepCost(1.0, 0.3 * GB, 0, seconds_per_gb_cell=0.03, per_linear_byte_cell=3.7e-4),
+    # when compiled whole (SD 1.5's, 5.4 GB, is then overestimated by a fifth; SDXL's in pieces too).
+    "w8a8": StepCost(1.0, 0.3 * GB, 0, seconds_per_gb_cell=0.03, per_linear_byte_cell=3.7e-4, piece_bytes=PIECE_BYTES),
     "validate": StepCost(1.25, 0.35 * GB, 3),
     # The compiled int8 weights and the mapped file (a quarter of W each), and every convolution kernel unpacked
     # to float32 (C): the SD 1.5 U-Net is 69% convolutions (1x1 attention projections included), SDXL's 13%.
@@ -78,13 +81,15 @@ def make_step(
     kernels (``latent_cells``: the calibration samples' latent area, for W8A8 steps)."""
     cost = STEP_COST[kind]
     gb = weight_bytes / GB
+    held = min(weight_bytes, cost.piece_bytes)
+    share = held / weight_bytes if weight_bytes else 1.0
     need = (
         LIBRARIES_BYTES
         + cost.fixed_bytes
-        + cost.per_weight_byte * weight_bytes
+        + cost.per_weight_byte * held
         + cost.per_conv_byte * conv_bytes
         + cost.bytes_per_cell * latent_cells
-        + cost.per_linear_byte_cell * (weight_bytes - conv_bytes) * latent_cells
+        + cost.per_linear_byte_cell * (weight_bytes - conv_bytes) * share * latent_cells
     )
     seconds = cost.seconds_per_gb * gb + cost.seconds_per_gb_cell * gb * latent_cells
     return Step(part, variant, kind, need, max(seconds, 0.1))

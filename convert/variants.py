@@ -32,6 +32,8 @@ from sdlite.layout import GRAPH_FILES, graph_files
 
 FORMATS = ("onnx", "openvino")
 PRECISIONS = ("fp32", "fp16", "int8", "w8a8")
+# Folders of a variant's intermediate models (a killed conversion leaves them behind: ``remove_steps_left``).
+STEPS_PREFIX = ".steps-"
 # A name OpenVINO makes from an op type and its process-wide counter ("Constant_1707507", "Constant_1964_1").
 _COUNTER_NAME = re.compile(r"[A-Za-z0-9]+(_\d+)+")
 
@@ -108,7 +110,7 @@ def openvino_ir(
     scratch = scratch or out_dir.parent
     scratch.mkdir(parents=True, exist_ok=True)
     with (
-        tempfile.TemporaryDirectory(dir=scratch, prefix=".steps-") as steps,
+        tempfile.TemporaryDirectory(dir=scratch, prefix=STEPS_PREFIX) as steps,
         ReleasedWhileRunning([base.parent, Path(steps)]),
         _nncf_output(quiet),
     ):
@@ -123,6 +125,13 @@ def openvino_ir(
             model = quantize_w8a8(model, calibration, Path(steps))
         # Saved before the scratch folder goes: the model's float weights may still be mapped from it.
         return save_ir(model, out_dir, compress_to_fp16=precision == "fp16")
+
+
+def remove_steps_left(scratch: Path) -> None:
+    """Delete the intermediate models that a killed conversion left in ``scratch`` (a W8A8 SDXL U-Net's are twice
+    its float32 weights)."""
+    for folder in scratch.glob(f"{STEPS_PREFIX}*"):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _nncf_output(quiet: bool):

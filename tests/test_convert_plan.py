@@ -85,15 +85,15 @@ def _openvino_plan(parts: dict[str, tuple[int, int]], latent_side: int, precisio
 
 @pytest.mark.torch
 def test_full_size_plans_fit_the_laptops_they_are_promised_to():
-    """OpenVINO fp16 + int8 + W8A8 of every U-Net and text encoder within 8 GB for SD 1.5; fp16 + int8 within
-    16 GB for SDXL, whose W8A8 is refused up front below 24 GB (its statistics run passed 24.4 GB). The int8-IR
-    validation's estimate follows the convolution share (SD 1.5 measured 5.75 GB for it)."""
+    """OpenVINO fp16 + int8 + W8A8 of every U-Net and text encoder within 8 GB for SD 1.5 and 16 GB for SDXL,
+    whose W8A8 statistics run one piece of the U-Net at a time (compiled whole, its second run passed 24.4 GB).
+    The int8-IR validation's estimate follows the convolution share (SD 1.5 measured 5.75 GB for it)."""
     sd15 = {step.kind: step.need_bytes for step in _openvino_plan(SD15, 64) if step.part == "unet"}
     assert 5.6 * GB < sd15["validate-int8-ir"] < 6.2 * GB
     check_plan(_openvino_plan(SD15, 64), 8 * GB, given=True)
-    check_plan(_openvino_plan(SDXL, 128, ("fp16", "int8")), 16 * GB, given=True)
-    with pytest.raises(InputError, match="the unet openvino w8a8 w8a8 step needs about 2[4-9]"):
-        check_plan(_openvino_plan(SDXL, 128), 24 * GB, given=True)
+    check_plan(_openvino_plan(SDXL, 128), 16 * GB, given=True)
+    sdxl = {step.kind: step.need_bytes for step in _openvino_plan(SDXL, 128) if step.part == "unet"}
+    assert 9.5 * GB < sdxl["w8a8"] < 11 * GB
 
 
 def test_resume_with_fewer_precisions_drops_their_variants(tmp_path):

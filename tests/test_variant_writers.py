@@ -125,6 +125,69 @@ def test_w8a8_steps_equal_nncf_quantize(tiny_onnx, tmp_path):
     )
     ours = quantize_w8a8(ov.Core().read_model(str(base)), samples, tmp_path / "scratch")
     assert (tmp_path / "scratch" / "step0.bin").is_file()  # the model between the two statistics runs
+    assert not (tmp_path / "scratch" / "step0-weights").exists()  # SmoothQuant's weights, moved into it
     ours_files, theirs_files = save_ir(ours, tmp_path / "ours"), save_ir(theirs, tmp_path / "theirs")
     for mine, reference in zip(ours_files, theirs_files, strict=True):
         assert hashlib.sha256(mine.read_bytes()).digest() == hashlib.sha256(reference.read_bytes()).digest(), mine.name
+
+
+def test_w8a8_statistics_by_pieces_match_whole_model(tiny_onnx, tmp_path):
+    """A model too large to compile at once collects its statistics one piece at a time: the quantized model has
+    the same quantizers as ``nncf.quantize``'s, with ranges equal up to float32 rounding, and the same outputs."""
+    import nncf
+    import openvino as ov
+    from openvino.properties.hint import inference_precision
+
+    from sdlite.convert.variants import onnx_to_openvino, save_ir
+    from sdlite.convert.w8a8 import quantize_w8a8
+    from sdlite.convert.w8a8_statistics import cut_into_pieces, weight_bytes
+
+    base = save_ir(onnx_to_openvino(tiny_onnx / "unet" / "model.onnx"), tmp_path / "base")[0]
+    model = ov.Core().read_model(str(base))
+    rng = np.random.default_rng(1)
+    width = model.input("encoder_hidden_states").get_partial_shape()[2].get_length()
+    samples = [
+        {
+            "sample": rng.standard_normal((1, 4, 8, 8)).astype(np.float32),
+            "timestep": np.asarray(900.0 - 150 * i, dtype=np.float32),
+            "encoder_hidden_states": rng.standard_normal((1, 77, width)).astype(np.float32),
+        }
+        for i in range(4)
+    ]
+    piece_bytes = weight_bytes(model) / 3.5
+    assert len(cut_into_pieces(model, piece_bytes)) == 4
+    nncf.set_log_level(40)
+    theirs = nncf.quantize(
+        model,
+        nncf.Dataset(samples),
+        subset_size=len(samples),
+        model_type=nncf.ModelType.TRANSFORMER,
+        fast_bias_correction=True,
+    )
+    ours = quantize_w8a8(ov.Core().read_model(str(base)), samples, tmp_path / "scratch", piece_bytes)
+
+    # Same graph; constants equal up to float32 rounding, which may move an int8 weight by one step.
+    mine = [op for op in ours.get_ordered_ops() if op.get_type_name() == "Constant"]
+    reference = [op for op in theirs.get_ordered_ops() if op.get_type_name() == "Constant"]
+    assert [op.get_type_name() for op in ours.get_ordered_ops()] == [
+        op.get_type_name() for op in theirs.get_ordered_ops()
+    ]
+    moved = total = 0
+    for got, want in zip(mine, reference, strict=True):
+        got, want = got.get_data(), want.get_data()
+        assert got.dtype == want.dtype and got.shape == want.shape
+        if want.dtype == np.int8 or want.dtype == np.uint8:
+            difference = np.abs(got.astype(np.int16) - want.astype(np.int16))
+            assert difference.max(initial=0) <= 1
+            moved, total = moved + int(np.count_nonzero(difference)), total + want.size
+        else:
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max(initial=0))
+    assert moved <= 1e-3 * total
+    # The quantized outputs are as far from the float model's as nncf.quantize's.
+    config = {inference_precision: ov.Type.f32}
+    exact = ov.Core().compile_model(ov.Core().read_model(str(base)), "CPU", config)(samples[0])[0]
+    errors = [
+        np.sqrt(np.mean((ov.Core().compile_model(quantized, "CPU", config)(samples[0])[0] - exact) ** 2))
+        for quantized in (ours, theirs)
+    ]
+    assert errors[0] <= 1.25 * errors[1], errors
