@@ -96,6 +96,7 @@ def _rewritten_weights_on_disk(model, folder: Path) -> Iterator[None]:
     ``folder``, in the weight's own type (SmoothQuant computes them in float64), and the weight update it
     registers holds a copy-on-write mapping of that file instead of the array."""
     import openvino as ov
+    from nncf.openvino.graph.model_transformer import OVModelTransformer
     from nncf.quantization.algorithms.smooth_quant.openvino_backend import OVSmoothQuantAlgoBackend as backend
 
     update = backend.weight_update_command
@@ -107,9 +108,8 @@ def _rewritten_weights_on_disk(model, folder: Path) -> Iterator[None]:
         kind = nodes[node_with_weight.node_name].input(port).get_element_type()
         if not kind.is_real() or kind == ov.Type.bf16:  # numpy has no bfloat16
             return update(node_with_weight, nncf_graph, weight_value)
-        dtype = kind.to_dtype()
-        # the conversion NNCF's model transformer applies to a value of another type
-        value = np.clip(weight_value, np.finfo(dtype).min, np.finfo(dtype).max).astype(dtype)
+        # the conversion NNCF's model transformer would apply to the value when it sets the weight
+        value = OVModelTransformer._convert_to_dtype(weight_value, kind.to_dtype())
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{next(numbers)}.npy"
         np.save(path, value)

@@ -153,8 +153,9 @@ def _points_by_piece(points, pieces: Sequence[Piece], input_names: set[str]) -> 
     owner = {name: number for number, piece in enumerate(pieces) for name in piece.names}
     for number in reversed(range(len(pieces))):
         for key in pieces[number].reads:
-            if key.rsplit(":", 1)[0] in input_names:
-                owner[key.rsplit(":", 1)[0]] = number
+            writer = key.rsplit(":", 1)[0]
+            if writer in input_names:
+                owner[writer] = number
     split = [StatisticPointsContainer() for _ in pieces]
     for name, statistic_points in points.data.items():
         if name not in owner:
