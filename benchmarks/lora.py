@@ -34,8 +34,14 @@ _TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 CONFIGS = {"none": "", "one": "<lora:bench0:0.8>", "three": "<lora:bench0:0.8> <lora:bench1:0.5> <lora:bench2:0.3>"}
 
 
+def _float_graph(opened, part: str) -> Path:
+    """``part``'s fp32 graph, or its fp16 one in a folder converted without fp32 (same layers, same shapes)."""
+    held = {variant.precision for variant in opened.variants(part)}
+    return opened.graph(part, ("onnx", "openvino"), "fp32" if "fp32" in held or "fp16" not in held else "fp16")
+
+
 def write_loras(model: Path, folder: Path, rank: int, count: int = 3) -> list[Path]:
-    """``count`` random rank-``rank`` LoRAs for the model at ``model`` (layers read from its fp32 graphs), as
+    """``count`` random rank-``rank`` LoRAs for the model at ``model`` (layers read from its fp32 or fp16 graphs), as
     ``bench0.safetensors``...; returns their paths."""
     from safetensors.numpy import save_file
 
@@ -46,7 +52,7 @@ def write_loras(model: Path, folder: Path, rank: int, count: int = 3) -> list[Pa
     layers = {
         prefix: {
             path: shape
-            for path, shape in graph_layers(opened.graph(part, ("onnx", "openvino"), "fp32"), part).items()
+            for path, shape in graph_layers(_float_graph(opened, part), part).items()
             if path.endswith(targets)
         }
         for part, prefix, targets in (("unet", "lora_unet_", _TARGETS), ("text_encoder", "lora_te_", _TEXT_TARGETS))
@@ -122,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     from sdlite.cli import parse_size
 
     parser = argparse.ArgumentParser(prog="python -m sdlite.benchmarks.lora", description=__doc__)
-    parser.add_argument("-m", "--model", required=True, help="converted-model folder with fp32 graphs")
+    parser.add_argument("-m", "--model", required=True, help="converted-model folder with fp32 or fp16 graphs")
     parser.add_argument("--engine", default="openvino")
     parser.add_argument("--precision")
     parser.add_argument("--low-memory", action="store_true")
