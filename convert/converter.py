@@ -287,7 +287,7 @@ class _Run:
             if calibrate:
                 with meter.phase(name, "w8a8", "calibrate"):
                     if name == TINY_VAE_DECODER:
-                        samples = tiny_decoder_inputs(self.tiny.vae, CALIBRATION_MAX_CELLS * self.factor)
+                        samples = tiny_decoder_inputs(self.tiny.vae, self.tiny.calibration_cells * self.factor)
                     else:
                         # diffusers' own attention (PyTorch's SDPA, which never holds the score matrix: the full
                         # SD 1.5 U-Net at 512x512 peaks about 2 GB lower than with the plain processors) and no
@@ -525,7 +525,8 @@ def convert(
     pipe = loaded.pipe
     family_preset, defaults = model_defaults(preset, pipe.unet.config, loaded.name, [s.path for s in loras or []])
     lora_records = fuse_loras(pipe, loras or [], allow_pickle=allow_pickle)
-    tiny = load_tiny_vae(tiny_vae, pipe.vae.config.latent_channels) if tiny_vae else None
+    cells = calibration_cells(pipe.unet.config.sample_size)
+    tiny = load_tiny_vae(tiny_vae, pipe.vae.config.latent_channels, cells) if tiny_vae else None
     factor = vae_scale_factor(pipe)
     family = family_of(pipe.unet.config, getattr(pipe, "text_encoder", None) is not None)
     defaults = {**FAMILY_DEFAULTS.get(family, {}), **defaults}
@@ -568,8 +569,7 @@ def convert(
         )
     if tiny is not None:
         parts |= _tiny_parts(tiny, formats, precisions)
-    latent_cells = calibration_cells(pipe.unet.config.sample_size) ** 2
-    steps = _plan(parts, formats, latent_cells, validate)
+    steps = _plan(parts, formats, cells**2, validate)
     budget = memory_budget_gb * GB if memory_budget_gb is not None else default_budget()
     check_plan(steps, budget, given=memory_budget_gb is not None)
 
@@ -642,13 +642,14 @@ def add_tiny_vae(
         raise InputError(f"{folder}: already has a tiny VAE ({manifest.tiny_vae}); add --overwrite to replace it")
     if quiet:
         quiet_diffusers()
-    tiny = load_tiny_vae(tiny_vae, opened.part_config("vae_decoder").get("latent_channels", 4))
+    cells = calibration_cells(opened.part_config("unet").get("sample_size", CALIBRATION_MAX_CELLS))
+    tiny = load_tiny_vae(tiny_vae, opened.part_config("vae_decoder").get("latent_channels", 4), cells)
     variants = [variant for part in family_parts(manifest.family) for variant in manifest.components.get(part, [])]
     formats = [fmt for fmt in FORMATS if any(variant.format == fmt for variant in variants)]
     precisions = sorted({variant.precision for variant in variants})
     parts = _tiny_parts(tiny, formats, precisions)
-    # The only calibrated step here is the tiny decoder's, at CALIBRATION_MAX_CELLS (``_Run.export_base``).
-    steps = _plan(parts, formats, CALIBRATION_MAX_CELLS**2, validate)
+    # The only calibrated step here is the tiny decoder's, at the model's own latent size (``_Run.export_base``).
+    steps = _plan(parts, formats, cells**2, validate)
     check_plan(steps, default_budget(), given=False)
 
     root = folder.parent / f".{folder.name}.sdlite-tiny-vae"

@@ -171,11 +171,14 @@ class TinyVae:
 
     vae: object
     name: str
+    # The latent side its decoder's W8A8 variant is calibrated at: the model's own, as its U-Net is.
+    calibration_cells: int
 
 
-def load_tiny_vae(source: str, latent_channels: int) -> TinyVae:
+def load_tiny_vae(source: str, latent_channels: int, calibration_cells: int) -> TinyVae:
     """Load ``source`` (a diffusers ``AutoencoderTiny`` folder, such as madebyollin/taesd's, or its hub id) as
-    float32; InputError when it is not one or its latents are not the model's (``latent_channels``)."""
+    float32 for a model whose latents have ``latent_channels`` (InputError when they differ or it is not one) and
+    whose U-Net is calibrated at ``calibration_cells``."""
     from diffusers import AutoencoderTiny
 
     path = Path(source)
@@ -201,4 +204,5 @@ def load_tiny_vae(source: str, latent_channels: int) -> TinyVae:
             f"--tiny-vae {source}: makes {vae.config.latent_channels}-channel latents; this model's have "
             f"{latent_channels} (a tiny VAE of another family?)"
         )
-    return TinyVae(vae.eval(), path.resolve().name if path.is_dir() else source.split("/")[-1])
+    name = path.resolve().name if path.is_dir() else source.split("/")[-1]
+    return TinyVae(vae.eval(), name, calibration_cells)
