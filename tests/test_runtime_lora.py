@@ -309,3 +309,30 @@ def test_serve_with_a_missing_lora_dir_is_one_line(all_precisions, tmp_path, cap
     argv = ["serve", "-m", str(all_precisions), "--lora-dir", str(tmp_path / "nope"), "--port", "0", "--quiet"]
     assert main(argv) == 2
     assert capsys.readouterr().err.strip() == f"error: --lora-dir {tmp_path / 'nope'}: folder not found"
+
+
+def test_bench_loras_fit_a_folder_without_fp32_graphs(all_precisions, tmp_path):
+    """The LoRA bench writes its LoRAs from the model's float graphs: fp32 when the folder has them, else fp16
+    (same layers); the files load and change the model's layers."""
+    import json
+    import shutil
+
+    from sdlite.benchmarks.lora import write_loras
+    from sdlite.loras import LoraFile
+
+    folder = tmp_path / "no-fp32"
+    shutil.copytree(all_precisions, folder)
+    manifest = json.loads((folder / "sdlite.json").read_text())
+    for part, variants in manifest["components"].items():
+        manifest["components"][part] = [v for v in variants if v["precision"] != "fp32"] or variants
+    (folder / "sdlite.json").write_text(json.dumps(manifest))
+
+    layers = []
+    for model, out in ((all_precisions, tmp_path / "from-fp32"), (folder, tmp_path / "from-fp16")):
+        out.mkdir()
+        (path,) = write_loras(model, out, rank=2, count=1)
+        read = LoraFile.read("bench0", path)
+        layers.append({part: sorted(layer.module for layer in found) for part, found in read.layers.items()})
+    assert layers[0] == layers[1] and set(layers[0]) == {"unet", "text_encoder"}
+    pipe = Pipeline.load(folder, precision="fp16", lora_dir=tmp_path / "from-fp16")
+    assert np.abs(_generate(pipe, "<lora:bench0:1>") - _generate(pipe, "")).max() > 0
