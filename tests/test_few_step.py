@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -163,30 +164,47 @@ def test_negative_prompt_at_cfg_one_is_reported_unused(models):
         pipe.txt2img(PROMPT, steps=1, cfg_scale=1.0, seed=1, progress=False)
 
 
-@pytest.mark.parametrize("sampler", ["Euler", "Euler a"])
-@pytest.mark.parametrize("steps", [1, 2, 4])
-def test_trailing_euler_matches_diffusers(tiny_diffusers, tmp_path, shared_noise, sampler, steps):
-    """SD-Turbo and SDXL-Lightning run Euler (ancestral) with timestep_spacing="trailing", without guidance."""
-    from diffusers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
+@pytest.fixture(scope="module")
+def trailing_models(tiny_diffusers, tmp_path_factory):
+    """sampler -> (the tiny diffusers model with that Euler scheduler on "trailing" timesteps, its conversion),
+    made at first use."""
+    from diffusers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 
     from sdlite.convert.converter import convert
 
-    source = tmp_path / "trailing-src"
-    shutil.copytree(tiny_diffusers, source)
-    config_file = source / "scheduler" / "scheduler_config.json"
-    config = json.loads(config_file.read_text())
-    scheduler_class = EulerDiscreteScheduler if sampler == "Euler" else EulerAncestralDiscreteScheduler
-    config.update(_class_name=scheduler_class.__name__, timestep_spacing="trailing")
-    config_file.write_text(json.dumps(config))
-    (source / "model_index.json").write_text(
-        (source / "model_index.json").read_text().replace("PNDMScheduler", scheduler_class.__name__)
-    )
-    convert(str(source), tmp_path / "trailing", quiet=True, preset="none")
+    made = {}
+
+    def model(sampler: str) -> tuple[Path, Path]:
+        if sampler not in made:
+            root = tmp_path_factory.mktemp("trailing")
+            source = root / "src"
+            shutil.copytree(tiny_diffusers, source)
+            config_file = source / "scheduler" / "scheduler_config.json"
+            config = json.loads(config_file.read_text())
+            scheduler_class = EulerDiscreteScheduler if sampler == "Euler" else EulerAncestralDiscreteScheduler
+            config.update(_class_name=scheduler_class.__name__, timestep_spacing="trailing")
+            config_file.write_text(json.dumps(config))
+            index = source / "model_index.json"
+            index.write_text(index.read_text().replace("PNDMScheduler", scheduler_class.__name__))
+            convert(str(source), root / "converted", quiet=True, preset="none")
+            made[sampler] = source, root / "converted"
+        return made[sampler]
+
+    return model
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "Euler a"])
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_trailing_euler_matches_diffusers(trailing_models, shared_noise, sampler, steps):
+    """SD-Turbo and SDXL-Lightning run Euler (ancestral) with timestep_spacing="trailing", without guidance."""
+    from diffusers import StableDiffusionPipeline
+
+    source, converted = trailing_models(sampler)
     reference = _reference(StableDiffusionPipeline, source)
     expected = reference(
         PROMPT, num_inference_steps=steps, guidance_scale=0.0, height=SIZE, width=SIZE, output_type="np"
     ).images
-    ours = Pipeline.load(tmp_path / "trailing")
+    ours = Pipeline.load(converted)
     assert ours.default_sampler == sampler
     got = ours.txt2img(PROMPT, steps=steps, cfg_scale=0.0, seed=SEED, output_type="np", progress=False)
     _check(got, expected)
