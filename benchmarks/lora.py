@@ -37,7 +37,7 @@ CONFIGS = {"none": "", "one": "<lora:bench0:0.8>", "three": "<lora:bench0:0.8> <
 def _float_graph(opened, part: str) -> Path:
     """``part``'s fp32 graph, or its fp16 one in a folder converted without fp32 (same layers, same shapes)."""
     held = {variant.precision for variant in opened.variants(part)}
-    return opened.graph(part, ("onnx", "openvino"), "fp32" if "fp32" in held or "fp16" not in held else "fp16")
+    return opened.graph(part, ("onnx", "openvino"), "fp16" if "fp16" in held and "fp32" not in held else "fp32")
 
 
 def write_loras(model: Path, folder: Path, rank: int, count: int = 3) -> list[Path]:

@@ -198,7 +198,9 @@ def _run(model, dataset: Sequence[dict], keys: Sequence[str]) -> list[dict]:
     import openvino as ov
     from openvino.properties.hint import inference_precision
 
-    request = ov.Core().compile_model(model, "CPU", {inference_precision: ov.Type.f32}).create_infer_request()
+    from sdlite.engines.openvino import core
+
+    request = core().compile_model(model, "CPU", {inference_precision: ov.Type.f32}).create_infer_request()
     written = []
     for inputs in dataset:
         outputs = request.infer(inputs)
